@@ -1,0 +1,23 @@
+"""Baseline distillation losses: pure functions plus thin registered `DistillLoss` modules.
+
+Importing this package registers every loss in `kdforge.registry.LOSSES`. Teacher inputs
+are always detached inside the losses, so no gradient reaches the teacher through them.
+"""
+
+from kdforge.losses.at import ATLoss, at_loss, attention_map
+from kdforge.losses.base import DistillLoss, Features, LossContext, Shape
+from kdforge.losses.ce import CELoss, ce_loss
+from kdforge.losses.crd import CRDLoss, crd_nce_loss, sample_negatives
+from kdforge.losses.dkd import DKDLoss, dkd_loss, dkd_parts
+from kdforge.losses.fitnet import FitNetLoss, fitnet_loss
+from kdforge.losses.kd import KDLoss, kd_loss
+from kdforge.losses.pkt import PKTLoss, pkt_loss
+from kdforge.losses.rkd import RKDLoss, rkd_loss
+from kdforge.losses.sp import SPLoss, similarity_matrix, sp_loss
+
+__all__ = [
+    "ATLoss", "CELoss", "CRDLoss", "DKDLoss", "DistillLoss", "Features", "FitNetLoss", "KDLoss",
+    "LossContext", "PKTLoss", "RKDLoss", "SPLoss", "Shape", "at_loss", "attention_map", "ce_loss",
+    "crd_nce_loss", "dkd_loss", "dkd_parts", "fitnet_loss", "kd_loss", "pkt_loss", "rkd_loss",
+    "sample_negatives", "similarity_matrix", "sp_loss",
+]
