@@ -6,7 +6,7 @@ are always detached inside the losses, so no gradient reaches the teacher throug
 
 from kdforge.losses.at import ATLoss, at_loss, attention_map
 from kdforge.losses.base import DistillLoss, Features, LossContext, Shape
-from kdforge.losses.ce import CELoss, ce_loss
+from kdforge.losses.ce import CELoss, ce_loss, soft_ce_loss
 from kdforge.losses.crd import CRDLoss, crd_nce_loss, sample_negatives
 from kdforge.losses.dkd import DKDLoss, dkd_loss, dkd_parts
 from kdforge.losses.fitnet import FitNetLoss, fitnet_loss
@@ -19,5 +19,5 @@ __all__ = [
     "ATLoss", "CELoss", "CRDLoss", "DKDLoss", "DistillLoss", "Features", "FitNetLoss", "KDLoss",
     "LossContext", "PKTLoss", "RKDLoss", "SPLoss", "Shape", "at_loss", "attention_map", "ce_loss",
     "crd_nce_loss", "dkd_loss", "dkd_parts", "fitnet_loss", "kd_loss", "pkt_loss", "rkd_loss",
-    "sample_negatives", "similarity_matrix", "sp_loss",
+    "sample_negatives", "similarity_matrix", "soft_ce_loss", "sp_loss",
 ]

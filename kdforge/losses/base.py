@@ -21,6 +21,7 @@ class LossContext:
     """What a loss may need besides the two feature inputs."""
 
     target: Tensor | None = None          # class labels (N,)
+    soft_target: Tensor | None = None     # (N, C) label distribution after mixup/cutmix, if any
     index: Tensor | None = None           # data set indices of the batch's samples (N,)
     student_logits: Tensor | None = None
     teacher_logits: Tensor | None = None

@@ -21,6 +21,16 @@ def ce_loss(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Ten
     return F.cross_entropy(logits, target.long(), label_smoothing=label_smoothing)
 
 
+def soft_ce_loss(logits: Tensor, soft_target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Mean cross-entropy against a label distribution (N, C), as mixup/cutmix produce."""
+    if soft_target.shape != logits.shape:
+        raise KdforgeError(f"ce: soft target shape {tuple(soft_target.shape)} does not match logits "
+                           f"{tuple(logits.shape)}")
+    if label_smoothing:
+        soft_target = soft_target * (1 - label_smoothing) + label_smoothing / logits.shape[1]
+    return -(soft_target * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
 class CELoss(DistillLoss):
     """Task loss on the student's own logits; the teacher is not run for it."""
 
@@ -37,7 +47,10 @@ class CELoss(DistillLoss):
             student = ctx.student_logits
         if ctx.target is None:
             raise KdforgeError("ce: needs class labels (ctx.target) but the batch has none")
-        return ce_loss(single(student, "ce", "student"), ctx.target, self.label_smoothing)
+        logits = single(student, "ce", "student")
+        if ctx.soft_target is not None:   # mixup / cutmix: cross-entropy against the mixed labels
+            return soft_ce_loss(logits, ctx.soft_target, self.label_smoothing)
+        return ce_loss(logits, ctx.target, self.label_smoothing)
 
     def extra_repr(self) -> str:
         return f"label_smoothing={self.label_smoothing}"

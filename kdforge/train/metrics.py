@@ -1,0 +1,46 @@
+"""Classification metrics and the evaluation loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdforge.data.base import ImageTensors
+
+
+def topk_correct(logits: Tensor, target: Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
+    """Number of samples whose label is among the top-k predictions, for each k."""
+    kmax = min(max(ks), logits.shape[1])
+    pred = logits.topk(kmax, dim=1).indices
+    hit = pred == target[:, None]
+    return [int(hit[:, : min(k, kmax)].any(dim=1).sum()) for k in ks]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageTensors, prepare: Callable[[Tensor], Tensor],
+             batch_size: int = 256, device: torch.device | str = "cpu",
+             autocast: Callable[[], object] | None = None) -> dict[str, float]:
+    """top-1 / top-5 accuracy (%) and mean cross-entropy of `model` on a whole split."""
+    was_training = model.training
+    model.eval()
+    n = len(data)
+    correct1 = correct5 = 0
+    loss_sum = 0.0
+    for start in range(0, n, batch_size):
+        x = prepare(data.images[start:start + batch_size].to(device, non_blocking=True))
+        y = data.labels[start:start + batch_size].to(device, non_blocking=True)
+        if autocast is not None:
+            with autocast():
+                logits = model(x)
+        else:
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        c1, c5 = topk_correct(logits, y)
+        correct1 += c1
+        correct5 += c5
+    model.train(was_training)
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n}
