@@ -172,6 +172,11 @@ def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
         return {str(k): _coerce(v, val_tp, f"{where}.{k}", source) for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):   # YAML 1.1 reads "5e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{source}: '{where}' must be true or false, got {value!r}")
     if tp is int and isinstance(value, bool):

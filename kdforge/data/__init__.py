@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from kdforge.data import folder, formats, small, synthetic  # noqa: F401  (register data sets)
+from kdforge.data import folder, formats, longtail, small, synthetic  # noqa: F401  (register data sets)
 from kdforge.data.base import ImageTensors
 from kdforge.errors import KdforgeError
 from kdforge.registry import DATASETS

@@ -42,7 +42,7 @@ def load_data(cfg: DataConfig, seed: int) -> RunData:
 def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, role: str) -> nn.Module:
     model = create_model(cfg.name, num_classes=num_classes, in_channels=in_channels, **cfg.args)
     if cfg.checkpoint:
-        load_weights(model, cfg.checkpoint, f"{role} '{cfg.name}'")
+        load_weights(model, cfg.checkpoint, f"{role} ({cfg.name})")
     return model
 
 

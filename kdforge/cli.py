@@ -1,0 +1,155 @@
+"""Command line: `kdforge demo | train | eval | methods | data prepare`.
+
+User errors (bad config, unknown names, missing files) print one line and exit with status 2;
+only genuine bugs show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kdforge.errors import KdforgeError
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from kdforge.config import load_config
+    from kdforge.train.trainer import Trainer
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            raise KdforgeError(f"cannot resume: {saved} not found (is {run_dir} a kdforge run directory?)")
+        extra = [args.config] if args.config else []
+        if any("=" not in x for x in extra):
+            raise KdforgeError("with --resume RUN_DIR give only overrides (a.b=value), not a config file")
+        # the interruption point of the first run must not stop the continued one
+        overrides = ["trainer.stop_after_steps=null", *extra, *args.overrides]
+        cfg = load_config(saved, overrides)
+    else:
+        if not args.config:
+            raise KdforgeError("kdforge train needs a CONFIG file (or --resume RUN_DIR)")
+        cfg = load_config(args.config, args.overrides)
+        run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    result = Trainer(cfg, run_dir, resume=bool(args.resume)).fit()
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from kdforge.config import load_config
+    from kdforge.train.build import build_distiller, load_data
+    from kdforge.train.checkpoint import load_checkpoint
+    from kdforge.train.metrics import evaluate
+    from kdforge.train.trainer import resolve_device
+
+    run_dir = Path(args.run_dir)
+    cfg = load_config(run_dir / "config.yaml", args.overrides)
+    data = load_data(cfg.data, cfg.trainer.seed)
+    distiller = build_distiller(cfg, data)
+    from kdforge.data.transforms import normalize, to_float
+
+    device = resolve_device(cfg.trainer.device)
+
+    def prepare(x):
+        return normalize(to_float(x.to(device)), data.train.mean, data.train.std)
+
+    distiller.setup(prepare(data.train.images[:2]), len(data.train))
+    weights, state, _ = load_checkpoint(run_dir / "checkpoints", args.checkpoint)
+    distiller.load_checkpoint_state(weights)
+    distiller.to(device)
+    split = data.test if args.split == "test" else data.eval
+    metrics = evaluate(distiller.eval_model(), split, prepare, cfg.data.eval_batch_size, device)
+    print(json.dumps({"run": str(run_dir), "checkpoint": args.checkpoint, "epoch": state.get("epoch"),
+                      "split": args.split, **metrics}, indent=2))
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from kdforge.methods.catalog import as_dicts
+
+    rows = as_dicts()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["id"]) for r in rows)
+    fam = max(len(r["family"]) for r in rows)
+    for r in rows:
+        print(f"{r['id']:<{width}}  {r['status']:<11}  {r['family']:<{fam}}  {r['paper']}")
+    done = sum(r["status"] == "implemented" for r in rows if r["kind"] == "seed")
+    print(f"\n{done}/{sum(r['kind'] == 'seed' for r in rows)} ICCV 2023 seed methods implemented")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from kdforge.demo import run_demo
+
+    run_demo(Path(args.out), seed=args.seed, quick=args.quick)
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from kdforge.data.prepare import prepare, prepare_command
+
+    if args.no_download:
+        print(f"{args.name} ready in {prepare(args.name, args.root, download=False)}")
+    else:
+        print(prepare_command(args.name, args.root))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdforge", description="Knowledge distillation on one core.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="teacher, scratch student and KD student on procedural data")
+    demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quick", action="store_true", help="a much smaller run (smoke test)")
+    demo.set_defaults(fn=_cmd_demo)
+
+    train = sub.add_parser("train", help="train from a YAML recipe: kdforge train CONFIG [a.b=value ...]")
+    train.add_argument("config", nargs="?", help="YAML recipe")
+    train.add_argument("overrides", nargs="*", help="config overrides, e.g. optim.lr=0.1")
+    train.add_argument("--out", help="run directory (default runs/<config name>)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
+    train.set_defaults(fn=_cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a run's checkpoint")
+    ev.add_argument("run_dir")
+    ev.add_argument("overrides", nargs="*")
+    ev.add_argument("--checkpoint", default="last", choices=["last", "best"])
+    ev.add_argument("--split", default="test", choices=["test", "val"])
+    ev.set_defaults(fn=_cmd_eval)
+
+    methods = sub.add_parser("methods", help="list the methods and baselines with their status")
+    methods.add_argument("--json", action="store_true")
+    methods.set_defaults(fn=_cmd_methods)
+
+    data = sub.add_parser("data", help="data set tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prep = data_sub.add_parser("prepare", help="download and verify a data set, or say where to put it")
+    prep.add_argument("name")
+    prep.add_argument("--root", required=True)
+    prep.add_argument("--no-download", action="store_true")
+    prep.set_defaults(fn=_cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except KdforgeError as err:
+        print(f"kdforge: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kdforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
