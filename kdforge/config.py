@@ -100,6 +100,7 @@ class TrainerConfig:
     tensorboard: bool = True
     stop_after_steps: int | None = None   # checkpoint and stop early (interruption, tests)
     threads: int | None = None
+    sync_bn: bool = False        # distributed runs: batch-norm statistics over the global batch
 
 
 @dataclass

@@ -20,18 +20,25 @@ def topk_correct(logits: Tensor, target: Tensor, ks: tuple[int, ...] = (1, 5)) -
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageTensors, prepare: Callable[[Tensor], Tensor],
-             batch_size: int = 256, device: torch.device | str = "cpu",
-             autocast: Callable[[], object] | None = None) -> dict[str, float]:
-    """top-1 / top-5 accuracy (%) and mean cross-entropy of `model` on a whole split."""
+def evaluate_counts(model: nn.Module, data: ImageTensors, prepare: Callable[[Tensor], Tensor],
+                    batch_size: int = 256, device: torch.device | str = "cpu",
+                    autocast: Callable[[], object] | None = None,
+                    shard: tuple[int, int] = (0, 1)) -> Tensor:
+    """[top-1 hits, top-5 hits, summed cross-entropy, samples] on shard `(rank, world)` of a split.
+
+    Counts (not rates) so distributed ranks can sum them before dividing.
+    """
     was_training = model.training
     model.eval()
-    n = len(data)
+    rank, world = shard
+    n_all = len(data)
+    lo, hi = n_all * rank // world, n_all * (rank + 1) // world
     correct1 = correct5 = 0
     loss_sum = 0.0
-    for start in range(0, n, batch_size):
-        x = prepare(data.images[start:start + batch_size].to(device, non_blocking=True))
-        y = data.labels[start:start + batch_size].to(device, non_blocking=True)
+    for start in range(lo, hi, batch_size):
+        stop = min(hi, start + batch_size)
+        x = prepare(data.images[start:stop].to(device, non_blocking=True))
+        y = data.labels[start:stop].to(device, non_blocking=True)
         if autocast is not None:
             with autocast():
                 logits = model(x)
@@ -43,4 +50,18 @@ def evaluate(model: nn.Module, data: ImageTensors, prepare: Callable[[Tensor], T
         correct1 += c1
         correct5 += c5
     model.train(was_training)
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n}
+    return torch.tensor([correct1, correct5, loss_sum, hi - lo], dtype=torch.float64)
+
+
+def rates(counts: Tensor) -> dict[str, float]:
+    """Counts from `evaluate_counts` (possibly summed over ranks) -> top1/top5 in %, mean loss."""
+    c1, c5, loss_sum, n = (float(v) for v in counts)
+    n = max(n, 1.0)
+    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss_sum / n}
+
+
+def evaluate(model: nn.Module, data: ImageTensors, prepare: Callable[[Tensor], Tensor],
+             batch_size: int = 256, device: torch.device | str = "cpu",
+             autocast: Callable[[], object] | None = None) -> dict[str, float]:
+    """top-1 / top-5 accuracy (%) and mean cross-entropy of `model` on a whole split."""
+    return rates(evaluate_counts(model, data, prepare, batch_size, device, autocast))

@@ -24,8 +24,9 @@ from kdforge.distill.distiller import Batch, Distiller, Step
 from kdforge.errors import KdforgeError
 from kdforge.train.build import RunData, build_distiller, load_data
 from kdforge.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, set_rng_state
+from kdforge.train.distributed import DistEnv, device_for, dist_env_from_environment, local_batch
 from kdforge.train.log import MetricsLog, TensorBoard, progress
-from kdforge.train.metrics import evaluate, topk_correct
+from kdforge.train.metrics import evaluate_counts, rates
 from kdforge.train.optim import build_optimizer, lr_factor, set_lr, wants_loss_groups
 
 
@@ -59,17 +60,18 @@ class Trainer:
     """Train `cfg` into `run_dir`. `fit()` returns the final result dict (also `result.json`)."""
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False,
-                 data: RunData | None = None, quiet: bool = False) -> None:
+                 data: RunData | None = None, quiet: bool = False, env: DistEnv | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.quiet = quiet
+        self.env = env or dist_env_from_environment()
+        self.quiet = quiet or not self.env.is_main
         if not resume and (self.ckpt_dir / "last.json").is_file():
             raise KdforgeError(f"{self.run_dir} already holds a run; pass --resume to continue it or "
                                "choose another --out")
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
-        self.device = resolve_device(cfg.trainer.device)
+        self.device = resolve_device(device_for(self.env, cfg.trainer.device))
         torch.manual_seed(cfg.trainer.seed)
         self.data = data or load_data(cfg.data, cfg.trainer.seed)
         self.distiller: Distiller = build_distiller(cfg, self.data)
@@ -86,11 +88,12 @@ class Trainer:
         self.amp = amp_dtype(cfg.trainer.amp, self.device)
         use_scaler = self.amp == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler) if use_scaler else None
-        self.forward_fn: Callable[[Batch], Step] = self.distiller
+        self.forward_fn: Callable[[Batch], Step] = self._wrap_distributed()
         if cfg.trainer.compile:
-            self.forward_fn = torch.compile(self.distiller)
+            self.forward_fn = torch.compile(self.forward_fn)
         n = len(self.data.train)
         bs = cfg.data.batch_size
+        self.local_bs = local_batch(bs, self.env)
         self.steps_per_epoch = n // bs if n >= bs else 1
         self.train_images = self.data.train.images.to(self.device)
         self.train_labels = self.data.train.labels.to(self.device)
@@ -101,6 +104,19 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.csv")
         if resume:
             self._resume()
+
+    def _wrap_distributed(self) -> Callable[[Batch], Step]:
+        """DistributedDataParallel over the distiller (teachers have no trainable parameters)."""
+        if not self.env.enabled:
+            return self.distiller
+        if self.grouped:
+            raise KdforgeError("optim.name=dot is not supported in distributed runs yet (its two gradients "
+                               "bypass DDP's all-reduce); run it in one process")
+        if self.cfg.trainer.sync_bn:
+            self.distiller.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.distiller.student)
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(self.distiller, device_ids=None, broadcast_buffers=True)
 
     # -- data --------------------------------------------------------------------------------
 
@@ -136,6 +152,8 @@ class Trainer:
                 "steps_per_epoch": self.steps_per_epoch}
 
     def save(self, tag: str = "last") -> None:
+        if not self.env.is_main:
+            return
         save_checkpoint(self.ckpt_dir, tag, self.distiller.checkpoint_state(), self._trainer_state(),
                         self.optimizer, self.scaler.state_dict() if self.scaler else None)
 
@@ -193,9 +211,10 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
-        tb = TensorBoard(self.run_dir / "tensorboard", cfg.trainer.tensorboard)
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+        tb = TensorBoard(self.run_dir / "tensorboard", cfg.trainer.tensorboard and self.env.is_main)
         start = time.time()
         try:
             while self.epoch < cfg.trainer.epochs:
@@ -220,28 +239,33 @@ class Trainer:
                        cfg.trainer.progress and not self.quiet, initial=self.step_in_epoch)
         t0 = time.time()
         while self.step_in_epoch < self.steps_per_epoch:
-            index = order[self.step_in_epoch * bs:(self.step_in_epoch + 1) * bs]
+            lo = self.step_in_epoch * bs + self.env.rank * self.local_bs
+            index = order[lo:lo + self.local_bs]
             out, total = self.train_step(self.make_batch(index, epoch, self.step))
             for name, value in {"loss": total, **out.losses}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
-            correct += topk_correct(out.outputs.detach(), self.train_labels[index], (1,))[0]
+            correct = correct + (out.outputs.detach().argmax(1) == self.train_labels[index]).sum()
             seen += len(index)
             self.step += 1
             self.step_in_epoch += 1
-            if bar.n % 10 == 0 or self.step_in_epoch == self.steps_per_epoch:
-                bar.set_postfix(loss=f"{float(total):.3f}", acc=f"{100.0 * correct / max(1, seen):.1f}")
+            if bar.n % 25 == 0 or self.step_in_epoch == self.steps_per_epoch:   # syncs: keep them rare
+                bar.set_postfix(loss=f"{float(total):.3f}", acc=f"{100.0 * float(correct) / max(1, seen):.1f}")
             bar.update(1)
             if cfg.trainer.stop_after_steps is not None and self.step >= cfg.trainer.stop_after_steps:
                 bar.close()
                 self.save("last")
                 return "stopped"
         bar.close()
-        steps_done = max(1, self.steps_per_epoch)
+        steps_done = max(1, self.steps_per_epoch) * self.env.world
+        names = list(sums)
+        totals = self.env.all_reduce_sum(torch.stack([sums[k] for k in names]
+                                                     + [torch.as_tensor(correct, device=self.device).float(),
+                                                        torch.tensor(float(seen), device=self.device)]))
         row: dict[str, Any] = {"epoch": epoch, "step": self.step,
                                "lr": self.optimizer.param_groups[0]["lr"],
-                               "train_top1": 100.0 * correct / max(1, seen),
-                               "epoch_time_s": round(time.time() - t0, 3)}
-        row.update({f"train_{k}": float(v) / steps_done for k, v in sums.items()})
+                               "train_top1": 100.0 * float(totals[-2]) / max(1.0, float(totals[-1])),
+                               "train_samples": int(totals[-1]), "epoch_time_s": round(time.time() - t0, 3)}
+        row.update({f"train_{k}": float(v) / steps_done for k, v in zip(names, totals)})
         self.epoch += 1
         self.step_in_epoch = 0
         if (epoch + 1) % cfg.trainer.eval_every == 0 or self.epoch == cfg.trainer.epochs:
@@ -249,18 +273,23 @@ class Trainer:
             row.update({f"{self.data.eval_name}_{k}": v for k, v in ev.items()})
             if ev["top1"] > self.best:
                 self.best = ev["top1"]
-                save_checkpoint(self.ckpt_dir, "best", self.distiller.checkpoint_state(), self._trainer_state())
+                if self.env.is_main:
+                    save_checkpoint(self.ckpt_dir, "best", self.distiller.checkpoint_state(), self._trainer_state())
             if not self.quiet:
                 print(f"epoch {epoch + 1}/{cfg.trainer.epochs}  loss {row['train_loss']:.3f}  "
                       f"{self.data.eval_name} top1 {ev['top1']:.2f}  top5 {ev['top5']:.2f}", flush=True)
-        self.metrics.append(row)
+        if self.env.is_main:
+            self.metrics.append(row)
         tb.scalars({k: float(v) for k, v in row.items() if k not in ("epoch", "step")}, self.step)
         self.save("last")
         return "ok"
 
     def evaluate(self, data: Any) -> dict[str, float]:
-        return evaluate(self.distiller.eval_model(), data, self._prepare, self.cfg.data.eval_batch_size,
-                        self.device, self._autocast if self.amp is not None else None)
+        """Each rank evaluates its shard of the split; counts are summed across ranks."""
+        counts = evaluate_counts(self.distiller.eval_model(), data, self._prepare, self.cfg.data.eval_batch_size,
+                                 self.device, self._autocast if self.amp is not None else None,
+                                 shard=(self.env.rank, self.env.world))
+        return rates(self.env.all_reduce_sum(counts))
 
     def _finish(self, wall: float) -> dict[str, Any]:
         final = self.evaluate(self.data.test)
@@ -269,5 +298,6 @@ class Trainer:
                   "steps": self.step, "wall_time_s": round(wall, 2), "device": str(self.device),
                   "student": self.cfg.student.name,
                   "teachers": {k: v.name for k, v in self.cfg.all_teachers().items()}}
-        atomic_write_text(self.run_dir / "result.json", json.dumps(result, indent=2))
+        if self.env.is_main:
+            atomic_write_text(self.run_dir / "result.json", json.dumps(result, indent=2))
         return result
