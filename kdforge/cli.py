@@ -91,6 +91,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from kdforge.config import load_config
+    from kdforge.data.cache import build_teacher_cache
+    from kdforge.distill.terms import LOGITS
+    from kdforge.train.build import build_model, default_terms, load_data
+    from kdforge.train.trainer import resolve_device
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.teacher is None or not cfg.teacher.checkpoint:
+        raise KdforgeError(f"{args.config}: kdforge cache needs teacher.name and teacher.checkpoint")
+    data = load_data(cfg.data, cfg.trainer.seed)
+    c = data.train.image_shape[0]
+    teacher = build_model(cfg.teacher, data.train.num_classes, c, "teacher")
+    taps = sorted({n for t in default_terms(cfg) if t.teacher is not None and t.teacher_id == "teacher"
+                   for n in ([t.teacher] if isinstance(t.teacher, str) else t.teacher) if n != LOGITS})
+    aug = cfg.data.augment
+    path = build_teacher_cache(teacher, data.train, args.out, epochs_k=args.epochs, seed=cfg.trainer.seed,
+                               crop_padding=aug.crop_padding, flip=aug.flip, mean=data.train.mean,
+                               std=data.train.std, taps=taps, batch_size=cfg.data.eval_batch_size,
+                               device=resolve_device(cfg.trainer.device), overwrite=args.overwrite)
+    print(f"teacher cache written to {path} ({args.epochs} epochs of views, taps: {', '.join(taps) or 'none'}); "
+          f"train with: kdforge train {args.config} teacher.cache={path}")
+    return 0
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     from kdforge.data.prepare import prepare, prepare_command
 
@@ -124,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", default="last", choices=["last", "best"])
     ev.add_argument("--split", default="test", choices=["test", "val"])
     ev.set_defaults(fn=_cmd_eval)
+
+    cache = sub.add_parser("cache", help="run the teacher once over K augmented epochs and store its outputs")
+    cache.add_argument("config", help="the training recipe (its teacher, data and augmentation)")
+    cache.add_argument("overrides", nargs="*")
+    cache.add_argument("--out", required=True, help="cache directory")
+    cache.add_argument("--epochs", type=int, default=4, help="augmented epochs to cache (K, default 4)")
+    cache.add_argument("--overwrite", action="store_true")
+    cache.set_defaults(fn=_cmd_cache)
 
     methods = sub.add_parser("methods", help="list the methods and baselines with their status")
     methods.add_argument("--json", action="store_true")

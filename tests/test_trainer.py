@@ -118,3 +118,35 @@ def test_bad_checkpoints_and_existing_runs(tmp_path: Path, data, teacher_run: Pa
         Trainer(_cfg("student.name=resnet8"), teacher_run, data=data, quiet=True)
     with pytest.raises(KdforgeError, match="no 'last' checkpoint"):
         Trainer(_cfg("student.name=resnet8"), tmp_path / "empty", resume=True, data=data, quiet=True)
+
+
+def test_training_from_teacher_cache_matches_online_kd(tmp_path: Path, data, teacher_run: Path) -> None:
+    from kdforge.cli import main
+
+    kd = [*KD[:3], "terms=[{loss: ce, teacher: null, group: task, weight: 0.5}, {loss: kd, weight: 1.0}]",
+          "trainer.epochs=2", f"teacher.checkpoint={teacher_run}"]
+    online = Trainer(_cfg(*kd), tmp_path / "online", data=data, quiet=True)
+    online.fit()
+    cfg_file = tmp_path / "kd.yaml"
+    from kdforge.config import dump_config
+
+    cfg_file.write_text(dump_config(_cfg(*kd)))
+    assert main(["cache", str(cfg_file), "--out", str(tmp_path / "cache"), "--epochs", "2"]) == 0
+    cached = Trainer(_cfg(*kd, f"teacher.cache={tmp_path / 'cache'}"), tmp_path / "cached", data=data, quiet=True)
+    calls = []
+    cached.distiller.teachers["teacher"].register_forward_hook(lambda *a: calls.append(1))
+    cached.fit()
+    assert calls == []                                   # the teacher never ran during training
+    rows_on = list(csv.DictReader((tmp_path / "online/metrics.csv").open()))
+    rows_ca = list(csv.DictReader((tmp_path / "cached/metrics.csv").open()))
+    for r_on, r_ca in zip(rows_on, rows_ca):             # fp16 storage: equal up to rounding
+        assert float(r_ca["train_kd"]) == pytest.approx(float(r_on["train_kd"]), rel=2e-2, abs=2e-3)
+    w_on = load_tensors(tmp_path / "online/checkpoints/last.safetensors")
+    w_ca = load_tensors(tmp_path / "cached/checkpoints/last.safetensors")
+    for key in w_on:
+        torch.testing.assert_close(w_ca[key], w_on[key], atol=5e-3, rtol=5e-2)
+    other = teacher_run.parent / "other_teacher"
+    Trainer(_cfg("student.name=resnet8", "trainer.epochs=1", "optim.lr=0.2"), other, data=data, quiet=True).fit()
+    with pytest.raises(KdforgeError, match="teacher"):
+        Trainer(_cfg(*kd[:-1], f"teacher.checkpoint={other}", f"teacher.cache={tmp_path / 'cache'}"),
+                tmp_path / "stale", data=data, quiet=True)

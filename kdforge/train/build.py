@@ -114,6 +114,8 @@ def build_distiller(cfg: RunConfig, data: RunData) -> Distiller:
     student = build_model(cfg.student, num_classes, c, "student")
     teachers = {tid: build_model(t, num_classes, c, f"teacher '{tid}'") for tid, t in cfg.all_teachers().items()}
     for tid, t in cfg.all_teachers().items():
+        if t.cache and tid != "teacher":
+            raise KdforgeError(f"teachers.{tid}.cache: only the main teacher can be read from a cache")
         if not t.checkpoint and not t.cache:
             raise KdforgeError(f"teacher '{tid}' ({t.name}) has no checkpoint: set teacher.checkpoint to "
                                "a trained run directory or weights file")

@@ -95,6 +95,7 @@ class Trainer:
         bs = cfg.data.batch_size
         self.local_bs = local_batch(bs, self.env)
         self.steps_per_epoch = n // bs if n >= bs else 1
+        self.cache = self._open_cache()
         self.train_images = self.data.train.images.to(self.device)
         self.train_labels = self.data.train.labels.to(self.device)
         self.epoch = 0
@@ -118,6 +119,27 @@ class Trainer:
 
         return DistributedDataParallel(self.distiller, device_ids=None, broadcast_buffers=True)
 
+    def _open_cache(self) -> Any:
+        """The teacher-output cache of `teacher.cache`, checked against this run (or None)."""
+        tcfg = self.cfg.teacher
+        if tcfg is None or not tcfg.cache:
+            return None
+        from kdforge.data.cache import TeacherCache, cache_expectation
+        from kdforge.distill.terms import LOGITS
+
+        aug = self.cfg.data.augment
+        if aug.mixup > 0 or aug.cutmix > 0:
+            raise KdforgeError("teacher.cache holds un-mixed views; turn off data.augment.mixup/cutmix or "
+                               "use the online teacher")
+        taps = sorted({n for t in self.distiller.terms if t.needs_teacher and t.teacher_id == "teacher"
+                       for n in t.teacher_taps if n != LOGITS})
+        expect = cache_expectation(self.distiller.teachers["teacher"], self.data.train, seed=self.cfg.trainer.seed,
+                                   crop_padding=aug.crop_padding, flip=aug.flip, mean=self.data.train.mean,
+                                   std=self.data.train.std, taps=taps)
+        if not tcfg.checkpoint:       # no weights to compare: trust the cache's teacher identity
+            expect.pop("teacher_hash")
+        return TeacherCache.open(tcfg.cache, expect=expect, device=self.device, taps=taps)
+
     # -- data --------------------------------------------------------------------------------
 
     def _prepare(self, images_uint8: Tensor) -> Tensor:
@@ -131,7 +153,12 @@ class Trainer:
         """Augmented, normalized batch for data set positions `index` (on the device)."""
         aug = self.cfg.data.augment
         images = self.train_images[index]
-        params = crop_flip_params(index, epoch, self.cfg.trainer.seed, aug.crop_padding, aug.flip)
+        teacher_outputs = None
+        if self.cache is not None:    # replay the cached views and read the teacher's outputs for them
+            params = self.cache.view_params(epoch, index)
+            teacher_outputs = {"teacher": self.cache.lookup(epoch, index)}
+        else:
+            params = crop_flip_params(index, epoch, self.cfg.trainer.seed, aug.crop_padding, aug.flip)
         if aug.crop_padding > 0 or aug.flip:
             images = apply_crop_flip(images, params["dx"], params["dy"], params["flip"], aug.crop_padding)
         x = self._prepare(images)
@@ -142,7 +169,8 @@ class Trainer:
 
             x, soft = mix_batch(x, target, self.data.train.num_classes, index, epoch, self.cfg.trainer.seed,
                                 mixup=aug.mixup, cutmix=aug.cutmix)
-        return Batch(images=x, target=target, index=index, epoch=epoch, step=step, soft_target=soft)
+        return Batch(images=x, target=target, index=index, epoch=epoch, step=step, soft_target=soft,
+                     teacher_outputs=teacher_outputs)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
