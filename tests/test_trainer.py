@@ -150,3 +150,13 @@ def test_training_from_teacher_cache_matches_online_kd(tmp_path: Path, data, tea
     with pytest.raises(KdforgeError, match="teacher"):
         Trainer(_cfg(*kd[:-1], f"teacher.checkpoint={other}", f"teacher.cache={tmp_path / 'cache'}"),
                 tmp_path / "stale", data=data, quiet=True)
+
+
+def test_teacher_of_another_class_count_is_refused(tmp_path: Path, data) -> None:
+    from kdforge.models import create_model
+    from kdforge.train.checkpoint import save_tensors
+
+    other = create_model("resnet8", num_classes=7)
+    save_tensors(tmp_path / "t7.safetensors", other.state_dict())
+    with pytest.raises(KdforgeError, match="predicts 7 classes but teacher 'teacher' \\(resnet8\\) is built for 10"):
+        Trainer(_cfg(*KD, f"teacher.checkpoint={tmp_path / 't7.safetensors'}"), tmp_path / "r", data=data, quiet=True)

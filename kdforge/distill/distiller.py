@@ -136,9 +136,10 @@ class Distiller(nn.Module):
     def _run_teacher(self, tid: str, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         tap = self._teacher_taps[tid]
         tap.clear()
-        with torch.no_grad():
+        with torch.inference_mode():
             logits = self.teachers[tid](images)
-        return logits, dict(tap.features)
+        # inference tensors cannot be saved for the student's backward: hand out normal copies
+        return logits.clone(), {k: v.clone() for k, v in tap.features.items()}
 
     # -- training interface ----------------------------------------------------------------
 

@@ -88,6 +88,11 @@ def load_weights(model: nn.Module, path: str | Path, what: str) -> None:
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    head = [k for k in wrong if k.startswith("fc.")]
+    if head and len(head) == len(wrong) and not missing and not unexpected:
+        raise KdforgeError(f"checkpoint {path} predicts {state['fc.weight'].shape[0]} classes but {what} is built "
+                           f"for {own['fc.weight'].shape[0]} (the data's class count); teacher and student must "
+                           "share the label space")
     if missing or unexpected or wrong:
         parts = []
         if wrong:
