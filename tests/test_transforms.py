@@ -135,13 +135,3 @@ def test_crop_flip_class_and_errors() -> None:
         random_crop_flip(data, [0, 1], epoch=0, seed=0)
     with pytest.raises(KdforgeError, match="padding"):
         crop_flip_params([0], epoch=0, seed=0, padding=-1)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu() -> None:
-    data = _images(n=32)
-    idx = torch.arange(32) * 3
-    cpu, cpu_params = random_crop_flip(data, idx, epoch=4, seed=9)
-    gpu, gpu_params = random_crop_flip(data.cuda(), idx.cuda(), epoch=4, seed=9)
-    assert gpu.is_cuda and gpu_params["dx"].is_cuda
-    assert torch.equal(gpu.cpu(), cpu)

@@ -87,13 +87,14 @@ def apply_crop_flip(images: Tensor, dx: Tensor, dy: Tensor, flip: Tensor, paddin
         raise KdforgeError(f"crop params must have shape ({n},), got {tuple(dx.shape)}, "
                            f"{tuple(dy.shape)}, {tuple(flip.shape)}")
     padded = F.pad(images, (padding, padding, padding, padding)) if padding else images
+    hp, wp = h + 2 * padding, w + 2 * padding
     ar_h = torch.arange(h, device=dev)
     ar_w = torch.arange(w, device=dev)
     rows = dy[:, None] + ar_h                                           # (N, H)
     cols = dx[:, None] + torch.where(flip[:, None], (w - 1) - ar_w, ar_w)  # (N, W)
-    batch = torch.arange(n, device=dev)[:, None, None, None]
-    chan = torch.arange(c, device=dev)[None, :, None, None]
-    return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
+    # one gather over each flattened padded image is ~20x faster than 4-D advanced indexing
+    flat_index = (rows[:, :, None] * wp + cols[:, None, :]).reshape(n, 1, h * w).expand(n, c, h * w)
+    return padded.reshape(n, c, hp * wp).gather(2, flat_index).reshape(n, c, h, w)
 
 
 def to_float(images: Tensor) -> Tensor:
@@ -105,13 +106,19 @@ def to_float(images: Tensor) -> Tensor:
     raise KdforgeError(f"to_float expects uint8 or floating images, got {images.dtype}")
 
 
-def normalize(images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
-    """Per-channel (x - mean) / std for (N, C, H, W) float images in [0, 1] units."""
+def normalize(images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor,
+              inplace: bool = False) -> Tensor:
+    """Per-channel (x - mean) / std for (N, C, H, W) float images in [0, 1] units.
+
+    `inplace=True` overwrites `images` (for fresh tensors in the input pipeline: saves two copies).
+    """
     c = images.shape[1]
     m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).reshape(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=images.dtype, device=images.device).reshape(1, -1, 1, 1)
     if m.shape[1] != c or s.shape[1] != c:
         raise KdforgeError(f"normalize: {c} channels but mean/std of length {m.shape[1]}/{s.shape[1]}")
+    if inplace:
+        return images.sub_(m).div_(s)
     return (images - m) / s
 
 

@@ -144,7 +144,8 @@ class Trainer:
 
     def _prepare(self, images_uint8: Tensor) -> Tensor:
         """uint8 -> normalized float on the training device (no augmentation)."""
-        x = normalize(to_float(images_uint8.to(self.device)), self.data.train.mean, self.data.train.std)
+        x = images_uint8.to(self.device)
+        x = normalize(to_float(x), self.data.train.mean, self.data.train.std, inplace=x.dtype == torch.uint8)
         if self.cfg.trainer.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -152,7 +153,7 @@ class Trainer:
     def make_batch(self, index: Tensor, epoch: int, step: int) -> Batch:
         """Augmented, normalized batch for data set positions `index` (on the device)."""
         aug = self.cfg.data.augment
-        images = self.train_images[index]
+        images = self.train_images.index_select(0, index)
         teacher_outputs = None
         if self.cache is not None:    # replay the cached views and read the teacher's outputs for them
             params = self.cache.view_params(epoch, index)
@@ -162,7 +163,7 @@ class Trainer:
         if aug.crop_padding > 0 or aug.flip:
             images = apply_crop_flip(images, params["dx"], params["dy"], params["flip"], aug.crop_padding)
         x = self._prepare(images)
-        target = self.train_labels[index]
+        target = self.train_labels.index_select(0, index)
         soft = None
         if aug.mixup > 0 or aug.cutmix > 0:
             from kdforge.data.mixing import mix_batch
