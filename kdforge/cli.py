@@ -50,6 +50,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(run_dir / "config.yaml", args.overrides)
     data = load_data(cfg.data, cfg.trainer.seed)
     distiller = build_distiller(cfg, data)
+    import torch
+
+    from kdforge.data.stream import fetch_images
     from kdforge.data.transforms import normalize, to_float
 
     device = resolve_device(cfg.trainer.device)
@@ -57,12 +60,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     def prepare(x):
         return normalize(to_float(x.to(device)), data.train.mean, data.train.std)
 
-    distiller.setup(prepare(data.train.images[:2]), len(data.train))
+    distiller.setup(prepare(fetch_images(data.train, torch.arange(min(2, len(data.train))))), len(data.train))
     weights, state, _ = load_checkpoint(run_dir / "checkpoints", args.checkpoint)
     distiller.load_checkpoint_state(weights)
     distiller.to(device)
     split = data.test if args.split == "test" else data.eval
-    metrics = evaluate(distiller.eval_model(), split, prepare, cfg.data.eval_batch_size, device)
+    metrics = evaluate(distiller.eval_model(), split, prepare, cfg.data.eval_batch_size, device,
+                       workers=cfg.data.workers)
     print(json.dumps({"run": str(run_dir), "checkpoint": args.checkpoint, "epoch": state.get("epoch"),
                       "split": args.split, **metrics}, indent=2))
     return 0
@@ -101,6 +105,9 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.teacher is None or not cfg.teacher.checkpoint:
         raise KdforgeError(f"{args.config}: kdforge cache needs teacher.name and teacher.checkpoint")
+    if cfg.data.stream:
+        raise KdforgeError("kdforge cache does not support streamed data sets yet (data.stream=true); load the "
+                           "data in memory (data.stream=false) to cache its teacher outputs")
     data = load_data(cfg.data, cfg.trainer.seed)
     c = data.train.image_shape[0]
     teacher = build_model(cfg.teacher, data.train.num_classes, c, "teacher")

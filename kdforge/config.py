@@ -38,6 +38,8 @@ class DataConfig:
     batch_size: int = 64
     eval_batch_size: int = 256
     val_fraction: float = 0.0   # > 0: hold out part of train for model selection
+    stream: bool = False        # decode from disk per batch in DataLoader workers (image_folder only)
+    workers: int = 2            # DataLoader worker processes when streaming (0 = decode in-process)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -304,6 +306,7 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         (cfg.trainer.epochs >= 1, "trainer.epochs must be >= 1"),
         (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
         (0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)"),
+        (cfg.data.workers >= 0, f"data.workers must be >= 0, not {cfg.data.workers}"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
     ]
     for ok, message in checks:

@@ -10,17 +10,25 @@ from typing import Any
 
 from kdforge.data import folder, formats, longtail, small, synthetic  # noqa: F401  (register data sets)
 from kdforge.data.base import ImageTensors
+from kdforge.data.stream import STREAMING, StreamingImages
 from kdforge.errors import KdforgeError
 from kdforge.registry import DATASETS
 
 
-def load_split(name: str, split: str, root: str | None = None, **args: Any) -> ImageTensors:
+def load_split(name: str, split: str, root: str | None = None, stream: bool = False,
+               **args: Any) -> ImageTensors | StreamingImages:
     """Load one split ("train"/"test") of registered data set `name` as in-memory tensors.
 
     `root` is passed to data sets that read from disk (and as the cache directory of the
-    procedural ones); `args` are the data set's own options.
+    procedural ones); `args` are the data set's own options. `stream` returns a split whose
+    images are decoded per batch instead (for trees too large for memory), same options.
     """
     factory = DATASETS.get(name)
+    if stream:
+        if name not in STREAMING:
+            raise KdforgeError(f"data set '{name}' cannot stream (data.stream=true supports: "
+                               f"{', '.join(sorted(STREAMING))}); set data.stream=false")
+        factory = STREAMING[name]
     params = inspect.signature(factory).parameters
     kwargs = dict(args)
     if "split" in params:
@@ -37,9 +45,9 @@ def load_split(name: str, split: str, root: str | None = None, **args: Any) -> I
         valid = [p for p in params if p not in ("split", "root")]
         raise KdforgeError(f"data set '{name}' has no option {unknown[0]!r}; options: {', '.join(valid)}")
     data = factory(**kwargs)
-    if not isinstance(data, ImageTensors):
+    if not isinstance(data, ImageTensors | StreamingImages):
         raise KdforgeError(f"data set '{name}' is not an in-memory image data set")
     return data
 
 
-__all__ = ["DATASETS", "ImageTensors", "load_split"]
+__all__ = ["DATASETS", "ImageTensors", "StreamingImages", "load_split"]

@@ -12,6 +12,7 @@ import kdforge.losses  # noqa: F401  (registers the losses)
 from kdforge.config import DataConfig, ModelConfig, RunConfig, TermConfig
 from kdforge.data import load_split
 from kdforge.data.base import ImageTensors
+from kdforge.data.stream import StreamingImages
 from kdforge.distill.distiller import Distiller
 from kdforge.distill.terms import term_from_config
 from kdforge.errors import KdforgeError
@@ -21,15 +22,17 @@ from kdforge.registry import METHODS
 
 @dataclass
 class RunData:
-    train: ImageTensors
-    eval: ImageTensors          # validation split when data.val_fraction > 0, else the test split
-    test: ImageTensors
+    """The splits of a run: in-memory tensors, or streamed from disk when `data.stream` is set."""
+
+    train: ImageTensors | StreamingImages
+    eval: ImageTensors | StreamingImages   # validation split when data.val_fraction > 0, else the test split
+    test: ImageTensors | StreamingImages
     eval_name: str
 
 
 def load_data(cfg: DataConfig, seed: int) -> RunData:
-    train = load_split(cfg.name, "train", cfg.root, **cfg.args)
-    test = load_split(cfg.name, "test", cfg.root, **cfg.args)
+    train = load_split(cfg.name, "train", cfg.root, stream=cfg.stream, **cfg.args)
+    test = load_split(cfg.name, "test", cfg.root, stream=cfg.stream, **cfg.args)
     if cfg.val_fraction > 0:
         gen = torch.Generator().manual_seed(seed + 7919)
         perm = torch.randperm(len(train), generator=gen)

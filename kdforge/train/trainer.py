@@ -1,8 +1,11 @@
-"""The training loop: batched in-memory pipeline, AMP, grad clipping, loss groups, exact resume.
+"""The training loop: batched device-side pipeline, AMP, grad clipping, loss groups, exact resume.
 
 Determinism: the sample order of epoch e is a permutation seeded by (seed, e) and each view's
 crop/flip is a hash of (seed, epoch, index), so a run stopped at any step and resumed from its
 checkpoint (weights, optimizer, RNG states) reaches the same weights as an uninterrupted run.
+The uint8 images of a batch come from a batch source (`kdforge.data.stream`): an `index_select`
+on the device-resident split, or DataLoader workers decoding a streamed split from disk; both
+feed the same augmentation, so the two give the same training views.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from torch import Tensor
 
 from kdforge.config import RunConfig, dump_config
+from kdforge.data.stream import StreamingImages, batch_source, fetch_images
 from kdforge.data.transforms import apply_crop_flip, crop_flip_params, normalize, to_float
 from kdforge.distill.distiller import Batch, Distiller, Step
 from kdforge.errors import KdforgeError
@@ -56,6 +60,18 @@ def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=gen)
 
 
+def epoch_slices(start_step: int, steps: int, batch_size: int, rank: int = 0, local_bs: int | None = None
+                 ) -> list[slice]:
+    """This rank's share of each global batch from `start_step` on, as slices of the epoch order.
+
+    Rank r takes the contiguous `local_bs` positions at `r * local_bs` of every global batch, so
+    the ranks together see exactly the samples of one process.
+    """
+    local_bs = batch_size if local_bs is None else local_bs
+    return [slice(step * batch_size + rank * local_bs, step * batch_size + (rank + 1) * local_bs)
+            for step in range(start_step, steps)]
+
+
 class Trainer:
     """Train `cfg` into `run_dir`. `fit()` returns the final result dict (also `result.json`)."""
 
@@ -75,7 +91,7 @@ class Trainer:
         torch.manual_seed(cfg.trainer.seed)
         self.data = data or load_data(cfg.data, cfg.trainer.seed)
         self.distiller: Distiller = build_distiller(cfg, self.data)
-        sample = self._prepare(self.data.train.images[:2])
+        sample = self._prepare(fetch_images(self.data.train, torch.arange(min(2, len(self.data.train)))))
         self.distiller.setup(sample, len(self.data.train))
         self.distiller.to(self.device)
         if cfg.trainer.channels_last:
@@ -96,8 +112,7 @@ class Trainer:
         self.local_bs = local_batch(bs, self.env)
         self.steps_per_epoch = n // bs if n >= bs else 1
         self.cache = self._open_cache()
-        self.train_images = self.data.train.images.to(self.device)
-        self.train_labels = self.data.train.labels.to(self.device)
+        self.source = batch_source(self.data.train, self.device, cfg.data.workers)
         self.epoch = 0
         self.step = 0          # global optimizer steps done
         self.step_in_epoch = 0
@@ -127,6 +142,9 @@ class Trainer:
         from kdforge.data.cache import TeacherCache, cache_expectation
         from kdforge.distill.terms import LOGITS
 
+        if isinstance(self.data.train, StreamingImages):
+            raise KdforgeError("teacher.cache is not supported with data.stream=true yet (the cache is checked "
+                               "against in-memory images); set data.stream=false or drop teacher.cache")
         aug = self.cfg.data.augment
         if aug.mixup > 0 or aug.cutmix > 0:
             raise KdforgeError("teacher.cache holds un-mixed views; turn off data.augment.mixup/cutmix or "
@@ -150,10 +168,16 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def make_batch(self, index: Tensor, epoch: int, step: int) -> Batch:
-        """Augmented, normalized batch for data set positions `index` (on the device)."""
+    def make_batch(self, index: Tensor, epoch: int, step: int, images: Tensor | None = None,
+                   target: Tensor | None = None) -> Batch:
+        """Augmented, normalized batch for data set positions `index` (on the device).
+
+        `images`/`target` are the positions' uint8 images and labels when a loader already read
+        them; otherwise they are fetched from the batch source here.
+        """
         aug = self.cfg.data.augment
-        images = self.train_images.index_select(0, index)
+        if images is None or target is None:
+            images, target = self.source.fetch(index)
         teacher_outputs = None
         if self.cache is not None:    # replay the cached views and read the teacher's outputs for them
             params = self.cache.view_params(epoch, index)
@@ -163,7 +187,6 @@ class Trainer:
         if aug.crop_padding > 0 or aug.flip:
             images = apply_crop_flip(images, params["dx"], params["dy"], params["flip"], aug.crop_padding)
         x = self._prepare(images)
-        target = self.train_labels.index_select(0, index)
         soft = None
         if aug.mixup > 0 or aug.cutmix > 0:
             from kdforge.data.mixing import mix_batch
@@ -260,20 +283,19 @@ class Trainer:
         cfg, epoch = self.cfg, self.epoch
         self.distiller.train()
         self.distiller.on_epoch_start(epoch)
-        order = epoch_order(len(self.data.train), cfg.trainer.seed, epoch).to(self.device)
-        bs = cfg.data.batch_size
+        order = epoch_order(len(self.data.train), cfg.trainer.seed, epoch)
+        slices = epoch_slices(self.step_in_epoch, self.steps_per_epoch, cfg.data.batch_size, self.env.rank,
+                              self.local_bs)
         sums: dict[str, Tensor] = {}
         correct = seen = 0
         bar = progress(self.steps_per_epoch, f"epoch {epoch + 1}/{cfg.trainer.epochs}",
                        cfg.trainer.progress and not self.quiet, initial=self.step_in_epoch)
         t0 = time.time()
-        while self.step_in_epoch < self.steps_per_epoch:
-            lo = self.step_in_epoch * bs + self.env.rank * self.local_bs
-            index = order[lo:lo + self.local_bs]
-            out, total = self.train_step(self.make_batch(index, epoch, self.step))
+        for images, target, index in self.source.epoch(order, slices):
+            out, total = self.train_step(self.make_batch(index, epoch, self.step, images, target))
             for name, value in {"loss": total, **out.losses}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
-            correct = correct + (out.outputs.detach().argmax(1) == self.train_labels[index]).sum()
+            correct = correct + (out.outputs.detach().argmax(1) == target).sum()
             seen += len(index)
             self.step += 1
             self.step_in_epoch += 1
@@ -317,7 +339,7 @@ class Trainer:
         """Each rank evaluates its shard of the split; counts are summed across ranks."""
         counts = evaluate_counts(self.distiller.eval_model(), data, self._prepare, self.cfg.data.eval_batch_size,
                                  self.device, self._autocast if self.amp is not None else None,
-                                 shard=(self.env.rank, self.env.world))
+                                 shard=(self.env.rank, self.env.world), workers=self.cfg.data.workers)
         return rates(self.env.all_reduce_sum(counts))
 
     def _finish(self, wall: float) -> dict[str, Any]:
