@@ -146,7 +146,7 @@ def time_rounds(variants: list[Variant], batches: Callable[[int], Tensor], warmu
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+    ap.add_argument("--threads", type=int, default=1,
                     help="torch.set_num_threads (default: all logical cores)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")

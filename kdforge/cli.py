@@ -91,7 +91,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from kdforge.demo import run_demo
 
-    run_demo(Path(args.out), seed=args.seed, quick=args.quick)
+    run_demo(Path(args.out), seed=args.seed, quick=args.quick, threads=args.threads)
     return 0
 
 
@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="teacher, scratch student and KD student on procedural data")
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     demo.add_argument("--quick", action="store_true", help="a much smaller run (smoke test)")
     demo.set_defaults(fn=_cmd_demo)
 
