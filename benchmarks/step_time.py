@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch.set_num_threads (default: all logical cores)")
+                    help="torch.set_num_threads (default 1: a second thread stalls small ops on a busy 2-core CPU)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     ap.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed steps")

@@ -11,12 +11,14 @@ from kdforge.losses.crd import CRDLoss, crd_nce_loss, sample_negatives
 from kdforge.losses.dkd import DKDLoss, dkd_loss, dkd_parts
 from kdforge.losses.fitnet import FitNetLoss, fitnet_loss
 from kdforge.losses.kd import KDLoss, kd_loss
+from kdforge.losses.l2d import L2DLEDLoss, L2DMLDLoss, l2d_led_loss, l2d_mld_loss
 from kdforge.losses.pkt import PKTLoss, pkt_loss
 from kdforge.losses.rkd import RKDLoss, rkd_loss
 from kdforge.losses.sp import SPLoss, similarity_matrix, sp_loss
 
 __all__ = [
     "ATLoss", "CELoss", "CRDLoss", "DKDLoss", "DistillLoss", "Features", "FitNetLoss", "KDLoss",
+    "L2DLEDLoss", "L2DMLDLoss", "l2d_led_loss", "l2d_mld_loss",
     "LossContext", "PKTLoss", "RKDLoss", "SPLoss", "Shape", "at_loss", "attention_map", "ce_loss",
     "crd_nce_loss", "dkd_loss", "dkd_parts", "fitnet_loss", "kd_loss", "pkt_loss", "rkd_loss",
     "sample_negatives", "similarity_matrix", "soft_ce_loss", "sp_loss",

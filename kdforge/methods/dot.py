@@ -57,6 +57,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
+from kdforge.registry import METHODS
+
 GradMode = Literal["auto", "two_pass", "batched"]
 _GRAD_MODES = ("auto", "two_pass", "batched")
 
@@ -381,3 +383,13 @@ class DOT(Optimizer):
                     torch._foreach_mul_(upd_bufs, upd_moms)
                     torch._foreach_add_(upd_bufs, upd_ds)
                 torch._foreach_add_(k_params, directions, alpha=-lr)
+
+
+METHODS.register(
+    "dot",
+    DOT,
+    family="optimizer",
+    paper="DOT: A Distillation-Oriented Trainer (Zhao et al., ICCV 2023)",
+    summary="SGD with separate task (beta - delta) and distillation (beta + delta) momentum buffers; "
+    "select with optim.name=dot",
+)
