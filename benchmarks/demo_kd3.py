@@ -1,0 +1,78 @@
+"""Demo: kd3 against its paper's baseline, 3 seeds, same budget -> results/methods/kd3.json.
+
+Recipe: configs/methods/kd3.yaml; the baseline is the same recipe with the override below.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from kdforge.config import load_yaml
+from kdforge.tasks.common import mean_std
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "configs" / "methods" / "kd3.yaml"
+SEEDS = [0, 1, 2]
+
+
+def main() -> int:
+    torch.set_num_threads(1)
+    from kdforge.methods.kd3 import KD3Config, run_kd3, train_teacher
+    from kdforge.tasks.common import load_task_config
+    from kdforge.tasks.datafree import build_datafree
+
+    start = time.time()
+    base_cfg = load_task_config(KD3Config, load_yaml(RECIPE), name=str(RECIPE))
+    d = base_cfg.data
+    data = build_datafree(d.num_classes, d.num_orig, d.num_web, d.num_test, d.image_size, tuple(d.fractions), d.seed)
+    teacher = train_teacher(data, base_cfg.teacher_width, base_cfg.teacher_loop, base_cfg.teacher_seed)
+    runs: dict[str, list[dict]] = {"kd": [], "kd3": []}
+    for seed in SEEDS:
+        for arm in runs:
+            cfg = load_task_config(KD3Config, load_yaml(RECIPE), [f"seed={seed}", f"kd3.arm={arm}"], str(RECIPE))
+            r = run_kd3(cfg, teacher, data)
+            runs[arm].append(r)
+            print(arm, seed, {k: round(v, 3) for k, v in r.items()}, flush=True)
+    base = mean_std([r["test_top1"] for r in runs["kd"]])
+    meth = mean_std([r["test_top1"] for r in runs["kd3"]])
+    delta = round(meth["mean"] - base["mean"], 3)
+    out = {
+        "method": "kd3", "task": "data-free KD from a web pool (kdforge.tasks.datafree)",
+        "data": f"procedural_cifar 10 classes 16px: teacher on {d.num_orig} originals; web pool {d.num_web} "
+        f"(50% re-styled in-class, 20% tile-shuffled, 30% foreign/noise); original test {d.num_test}",
+        "metric": "student top-1 (%) on the original test split",
+        "baseline": "plain KD (T=4) on the whole web pool, same student/budget",
+        "baseline_metric": base, "method_metric": meth, "delta": delta, "seeds": SEEDS,
+        "wall_time_s": round(time.time() - start, 1),
+        "paper_claim": "KD3 beats data-free / web-data KD baselines (CIFAR-10 95.21%)",
+        "direction_holds": bool(delta > 0),
+        "teacher_test_top1": runs["kd"][0]["teacher_test_top1"],
+        "selection_precision": mean_std([r.get("selection_precision") for r in runs["kd3"]]),
+        "selected_fraction": mean_std([r.get("selected_fraction") for r in runs["kd3"]]),
+        "style_gap": {a: mean_std([r["style_gap"] for r in runs[a]]) for a in runs},
+        "notes": NOTES,
+    }
+    (ROOT / "results" / "methods").mkdir(parents=True, exist_ok=True)
+    (ROOT / "results" / "methods" / "kd3.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+NOTES = (
+    "Card defaults (threshold 0.7, lambda 1->0.5, agreement after 2 epochs, alpha 1, beta 0.1, T 4). "
+    "At this scale the teacher (TinyCNN, ~80% on originals, ~70% on re-styled in-class web images) is "
+    "about as confident on the foreign/noise images as on in-class ones, so confidence selection keeps "
+    "a small subset with low precision (see selection_precision) and the student learns from far fewer "
+    "samples than plain KD, whose soft targets on *all* images (even off-topic ones) carry dark knowledge. "
+    "Exploratory single runs on seed 0 (not used for selection): threshold 0.4 -> ~24%, threshold 0 "
+    "(agreement only) -> ~18%, no feat/contrastive terms -> ~16%, own classifier instead of sharing -> ~16%; "
+    "plain KD ~39%. A better-calibrated teacher (or an OOD score) would be needed for the selection to help."
+)
+
+if __name__ == "__main__":
+    sys.exit(main())
