@@ -123,6 +123,15 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_search(args: argparse.Namespace) -> int:
+    from kdforge.search.cli import search_command
+
+    out = args.out or str(Path("runs") / f"search-{args.kind}-{Path(args.config).stem}")
+    summary = search_command(args.kind, args.config, args.overrides, args.storage, args.trials, out)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     from kdforge.data.prepare import prepare, prepare_command
 
@@ -165,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--epochs", type=int, default=4, help="augmented epochs to cache (K, default 4)")
     cache.add_argument("--overwrite", action="store_true")
     cache.set_defaults(fn=_cmd_cache)
+
+    search = sub.add_parser("search", help="distiller search: Auto-KD (MCTS) or BOSS (BO + self-distillation)")
+    search.add_argument("kind", choices=["autokd", "boss"])
+    search.add_argument("config", help="base training recipe (its search options may sit in a search: file)")
+    search.add_argument("overrides", nargs="*", help="run overrides a.b=value (search.* for search options)")
+    search.add_argument("--storage", help="Optuna storage URL (default: SQLite file in --out); resumable")
+    search.add_argument("--trials", type=int, help="trial budget (default: from the search options)")
+    search.add_argument("--out", help="search directory (default runs/search-<kind>-<config>)")
+    search.set_defaults(fn=_cmd_search)
 
     methods = sub.add_parser("methods", help="list the methods and baselines with their status")
     methods.add_argument("--json", action="store_true")

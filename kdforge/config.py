@@ -319,7 +319,7 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         if term.teacher is not None and term.group == "distill" and term.teacher_id not in teachers:
             raise ConfigError(f"{source}: terms.{i} ({term.loss}) reads teacher '{term.teacher_id}' "
                               f"but the config defines no such teacher")
-    if cfg.optim.name == "dot" and not any(t.group == "distill" for t in cfg.terms):
+    if cfg.optim.name == "dot" and not cfg.method.name and not any(t.group == "distill" for t in cfg.terms):
         raise ConfigError(f"{source}: optim.name=dot needs at least one term with group 'distill'")
 
 

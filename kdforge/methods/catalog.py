@@ -56,7 +56,7 @@ class MethodInfo:
     kind: str          # "seed" | "baseline"
 
 
-def _import_methods() -> None:
+def import_methods() -> None:
     """Import every module of kdforge.methods so their registrations run."""
     import kdforge.losses  # noqa: F401
     import kdforge.methods as pkg
@@ -68,7 +68,7 @@ def _import_methods() -> None:
 
 def list_methods() -> list[MethodInfo]:
     """Seed methods in card order, then the baselines."""
-    _import_methods()
+    import_methods()
     out = [MethodInfo(mid, fam, paper, "implemented" if mid in METHODS else "planned", "seed")
            for mid, (fam, paper) in SEED_METHODS.items()]
     for name in BASELINES:

@@ -129,6 +129,9 @@ def build_distiller(cfg: RunConfig, data: RunData) -> Distiller:
                                "a trained run directory or weights file")
     terms = [term_from_config(t) for t in default_terms(cfg)]
     if cfg.method.name:
+        from kdforge.methods.catalog import import_methods
+
+        import_methods()     # method modules register themselves on import
         factory = METHODS.get(cfg.method.name)
         build = getattr(factory, "build_module", None)
         if build is None:
