@@ -4,6 +4,7 @@ Importing this package registers every loss in `kdforge.registry.LOSSES`. Teache
 are always detached inside the losses, so no gradient reaches the teacher through them.
 """
 
+from kdforge.losses import autokd  # noqa: F401  (registers the searched Auto-KD distiller loss)
 from kdforge.losses.at import ATLoss, at_loss, attention_map
 from kdforge.losses.base import DistillLoss, Features, LossContext, Shape
 from kdforge.losses.ce import CELoss, ce_loss, soft_ce_loss
