@@ -14,6 +14,13 @@ from pathlib import Path
 from kdforge.errors import KdforgeError
 
 
+def _is_task_recipe(path: str) -> bool:
+    """Task recipes (multi-label, NCD, SSL, ...) name their method as a top-level string."""
+    from kdforge.config import load_yaml
+
+    return Path(path).is_file() and isinstance(load_yaml(path).get("method"), str)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from kdforge.config import load_config
     from kdforge.train.trainer import Trainer
@@ -32,6 +39,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.config:
             raise KdforgeError("kdforge train needs a CONFIG file (or --resume RUN_DIR)")
+        if _is_task_recipe(args.config):   # settings beyond plain classification have their own loops
+            from kdforge.tasks.common import run_config_file
+
+            print(json.dumps(run_config_file(args.config, args.overrides), indent=2, default=str))
+            return 0
         cfg = load_config(args.config, args.overrides)
         run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     result = Trainer(cfg, run_dir, resume=bool(args.resume)).fit()

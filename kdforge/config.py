@@ -236,7 +236,7 @@ def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
             node = node[idx]
             continue
         if node.get(part) is None:
-            node[part] = [] if nxt.isdigit() and part == "terms" else {}
+            node[part] = [] if nxt.isdigit() else {}
         node = node[part]
     last = path[-1]
     if isinstance(node, list):
