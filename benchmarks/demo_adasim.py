@@ -14,6 +14,7 @@ import torch
 
 from kdforge.config import load_yaml
 from kdforge.tasks.common import mean_std, run_config_file
+from kdforge.train.checkpoint import atomic_write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "methods" / "adasim.yaml"
@@ -55,7 +56,7 @@ def main() -> int:
         ),
     }
     (ROOT / "results" / "methods").mkdir(parents=True, exist_ok=True)
-    (ROOT / "results" / "methods" / "adasim.json").write_text(json.dumps(out, indent=2) + "\n")
+    atomic_write_text(ROOT / "results" / "methods" / "adasim.json", json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
     return 0
 

@@ -44,6 +44,7 @@ from kdforge.config import RunConfig, load_config  # noqa: E402
 from kdforge.search.autokd import run_autokd  # noqa: E402
 from kdforge.search.options import AutoKDOptions  # noqa: E402
 from kdforge.search.storage import complete_trials, open_study  # noqa: E402
+from kdforge.train.checkpoint import atomic_write_text  # noqa: E402
 from kdforge.train.trainer import Trainer  # noqa: E402
 
 KD_TERMS = ("terms=[{loss: ce, teacher: null, group: task, weight: 0.1}, "
@@ -148,7 +149,7 @@ def main() -> None:
                   "for both arms except the terms."),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -45,6 +45,7 @@ from kdforge.data.transforms import normalize, to_float  # noqa: E402
 from kdforge.search.boss import run_boss  # noqa: E402
 from kdforge.search.options import BOSSOptions  # noqa: E402
 from kdforge.train.build import RunData, build_model, load_data  # noqa: E402
+from kdforge.train.checkpoint import atomic_write_text  # noqa: E402
 from kdforge.train.metrics import evaluate_counts, rates  # noqa: E402
 
 ARMS = ("bo", "boss")
@@ -175,7 +176,7 @@ def main() -> None:
                   "student starts from one top-k checkpoint and the teacher is another (pretrained mode)."),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out} and {args.plot}")
 
 

@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from kdforge.methods.crkd import CrKDConfig, build_ncd, run_crkd  # noqa: E402
 from kdforge.tasks.common import load_task_config, mean_std  # noqa: E402
 from kdforge.tasks.ncd import evaluate_ncd, pretrain_known  # noqa: E402
+from kdforge.train.checkpoint import atomic_write_text  # noqa: E402
 
 RECIPE = ROOT / "configs" / "methods" / "crkd.yaml"
 ARM_OVERRIDES = {"uno": ["crkd.alpha=0.0"], "crkd": [], "crkd_fixed": ["crkd.weighting=fixed"]}
@@ -103,7 +104,7 @@ def main() -> None:
     if args.quick:
         return
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(Path(args.out), json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out} ({wall:.0f}s)")
 
 

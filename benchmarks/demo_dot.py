@@ -40,6 +40,7 @@ from kdforge.data.cache_dir import cache_dir, cache_key  # noqa: E402
 from kdforge.data.transforms import normalize, to_float  # noqa: E402
 from kdforge.losses.kd import kd_loss  # noqa: E402
 from kdforge.train.build import RunData  # noqa: E402
+from kdforge.train.checkpoint import atomic_write_text  # noqa: E402
 from kdforge.train.trainer import Trainer  # noqa: E402
 
 T, W_CE, W_KD = 4.0, 0.1, 0.9
@@ -183,7 +184,7 @@ def main() -> None:
         "notes": notes(base, dot, wins),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    atomic_write_text(Path(args.out), json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

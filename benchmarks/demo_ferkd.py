@@ -52,6 +52,7 @@ from kdforge.data.cache_dir import cache_dir, cache_key  # noqa: E402
 from kdforge.methods.ferkd_regions import precompute_region_bank  # noqa: E402
 from kdforge.models import create_model  # noqa: E402
 from kdforge.train.build import load_data, load_weights  # noqa: E402
+from kdforge.train.checkpoint import atomic_write_text  # noqa: E402
 from kdforge.train.trainer import Trainer  # noqa: E402
 
 DATA = ["data.name=procedural_cifar",
@@ -225,7 +226,7 @@ def main() -> None:
         "notes": notes(acc, mean_curve, crop_acc, teacher_acc, relabel["ferkd"], args.ablations),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    atomic_write_text(Path(args.out), json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

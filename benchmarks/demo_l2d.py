@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from kdforge.methods.l2d import L2DConfig, build_multilabel, run_l2d, train_teacher  # noqa: E402
 from kdforge.tasks.common import load_task_config, mean_std  # noqa: E402
 from kdforge.tasks.multilabel import evaluate  # noqa: E402
+from kdforge.train.checkpoint import atomic_write_text  # noqa: E402
 
 RECIPE = ROOT / "configs" / "methods" / "l2d.yaml"
 ARM_OVERRIDES = {
@@ -94,7 +95,7 @@ def main() -> None:
     if args.quick:
         return
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(Path(args.out), json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out} ({wall:.0f}s)")
 
 

@@ -48,6 +48,7 @@ import kdforge.methods.mdcs  # noqa: E402,F401  (registers the method)
 from kdforge.config import RunConfig, load_config  # noqa: E402
 from kdforge.data.transforms import normalize, to_float  # noqa: E402
 from kdforge.train.build import RunData, load_data  # noqa: E402
+from kdforge.train.checkpoint import atomic_write_text  # noqa: E402
 from kdforge.train.longtail_metrics import many_medium_few_accuracy, scaled_shot_thresholds  # noqa: E402
 from kdforge.train.trainer import Trainer  # noqa: E402
 
@@ -151,7 +152,7 @@ def main() -> None:
     report = summarise(runs, args, variants, wall)
     report["longtail"]["cpu_time_s"] = round(time.process_time() - cpu_start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(Path(args.out), json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("baseline_metric", "method_metric", "delta", "direction_holds")}))
     print(f"wrote {args.out} ({wall:.0f}s)")
 

@@ -43,6 +43,7 @@ from demo_dot import COMMON, DATA, STUDENT, TEACHER, milestones, stats, teacher_
 import kdforge.methods.orc  # noqa: E402,F401  (registers the method)
 from kdforge.config import RunConfig, load_config  # noqa: E402
 from kdforge.distill.distiller import Step  # noqa: E402
+from kdforge.train.checkpoint import atomic_write_text  # noqa: E402
 from kdforge.train.metrics import evaluate  # noqa: E402
 from kdforge.train.trainer import Trainer  # noqa: E402
 
@@ -167,7 +168,7 @@ def main() -> None:
         "notes": notes(acc, mean_students, fk, picked),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    atomic_write_text(Path(args.out), json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from kdforge.methods.wad import WADConfig, build_ssl, run_wad, train_teacher  # noqa: E402
 from kdforge.tasks.common import load_task_config, mean_std  # noqa: E402
+from kdforge.train.checkpoint import atomic_write_text  # noqa: E402
 
 RECIPE = ROOT / "configs" / "methods" / "wad.yaml"
 ARMS = ("supervised", "pseudo", "wad_1round", "wad")
@@ -92,7 +93,7 @@ def main() -> None:
     if args.quick:
         return
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(Path(args.out), json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out} ({wall:.0f}s)")
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -44,38 +43,16 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _machine import machine_description, sync  # noqa: E402  (benchmarks/ is on sys.path)
+
 from kdforge.config import AugmentConfig, DataConfig, TrainerConfig  # noqa: E402
 from kdforge.data.base import ImageTensors  # noqa: E402
 from kdforge.data.stream import batch_source  # noqa: E402
 from kdforge.data.synthetic import procedural_cifar  # noqa: E402
+from kdforge.train.checkpoint import atomic_write_text  # noqa: E402
 from kdforge.train.trainer import Trainer, epoch_order, epoch_slices  # noqa: E402
 
 PADDING = 4
-
-
-def machine_description(device: torch.device, threads: int) -> list[str]:
-    """CPU model, cores, load, torch version (and GPU), for the results file."""
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    lines = [f"CPU: {cpu}, {os.cpu_count()} logical cores; torch.set_num_threads({threads})",
-             f"torch {torch.__version__}, Python {platform.python_version()}, {platform.system()} "
-             f"{platform.release()}", f"device: {device}"]
-    if device.type == "cuda":
-        lines.append(f"GPU: {torch.cuda.get_device_name(device)}")
-    if hasattr(os, "getloadavg"):
-        lines.append("load average at start (1/5/15 min): " + " / ".join(f"{v:.2f}" for v in os.getloadavg()))
-    return lines
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class TrainerBatches:
@@ -140,7 +117,7 @@ def batched_epoch(maker: TrainerBatches, epoch: int) -> Callable[[], tuple[int, 
         done = 0
         for step, (images, target, index) in enumerate(maker.source.epoch(order, slices)):
             done += maker.make_batch(index, epoch, step, images, target).images.shape[0]
-        _sync(maker.device)
+        sync(maker.device)
         return done, 0.0
     return run
 
@@ -171,7 +148,7 @@ def loader_epoch(loader: DataLoader, device: torch.device) -> Callable[[], tuple
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             done += x.shape[0]
-        _sync(device)
+        sync(device)
         return done, worker_cpu() - c0
     return run
 
@@ -268,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
            f"Command: `{command}`"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(md) + "\n")
+    atomic_write_text(Path(out), "\n".join(md) + "\n")
     print(f"\nwrote {out}")
     print(f"per_cpu_second: batched_vs_dataloader={ratio_cpu:.2f}")
     print(f"batched_vs_dataloader={ratio:.2f}")

@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,6 +37,8 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _machine import machine_description, sync  # noqa: E402  (benchmarks/ is on sys.path)
+
 import kdforge.losses  # noqa: E402, F401  (registers the losses)
 from kdforge.data.cache import TeacherCache, build_teacher_cache  # noqa: E402
 from kdforge.data.synthetic import procedural_cifar  # noqa: E402
@@ -46,34 +46,10 @@ from kdforge.data.transforms import apply_crop_flip, crop_flip_params, normalize
 from kdforge.distill.distiller import Batch, Distiller  # noqa: E402
 from kdforge.distill.terms import Term  # noqa: E402
 from kdforge.models import create_model  # noqa: E402
+from kdforge.train.checkpoint import atomic_write_text  # noqa: E402
 from kdforge.train.trainer import amp_dtype, epoch_order  # noqa: E402
 
 NUM_CLASSES, PADDING, SEED = 100, 4, 0
-
-
-def machine_description(device: torch.device, threads: int) -> list[str]:
-    """CPU model, cores, load, torch version (and GPU), for the results file."""
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    lines = [f"CPU: {cpu}, {os.cpu_count()} logical cores; torch.set_num_threads({threads})",
-             f"torch {torch.__version__}, Python {platform.python_version()}, {platform.system()} "
-             f"{platform.release()}", f"device: {device}"]
-    if device.type == "cuda":
-        lines.append(f"GPU: {torch.cuda.get_device_name(device)}")
-    if hasattr(os, "getloadavg"):
-        lines.append("load average at start (1/5/15 min): " + " / ".join(f"{v:.2f}" for v in os.getloadavg()))
-    return lines
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Variant:
@@ -134,10 +110,10 @@ def time_rounds(variants: list[Variant], batches: Callable[[int], Tensor], warmu
     for r in range(warmup + steps):
         for v in variants:
             index = batches(r)
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             v.step(index, r)
-            _sync(device)
+            sync(device)
             if r >= warmup:
                 times[v.name].append((time.perf_counter() - t0) * 1e3)
     return times
@@ -234,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
            f"Command: `{command}`"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(md) + "\n")
+    atomic_write_text(Path(out), "\n".join(md) + "\n")
     print(f"\nwrote {out}")
     print(f"cached_vs_plain={cached_ratio:.2f} online_vs_plain={online_ratio:.2f}")
 
