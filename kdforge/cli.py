@@ -65,12 +65,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from kdforge.data.stream import fetch_images
-    from kdforge.data.transforms import normalize, to_float
+    from kdforge.data.transforms import to_normalized
 
     device = resolve_device(cfg.trainer.device)
 
     def prepare(x):
-        return normalize(to_float(x.to(device)), data.train.mean, data.train.std)
+        return to_normalized(x.to(device), data.train.mean, data.train.std)
 
     distiller.setup(prepare(fetch_images(data.train, torch.arange(min(2, len(data.train))))), len(data.train))
     weights, state, _ = load_checkpoint(run_dir / "checkpoints", args.checkpoint)

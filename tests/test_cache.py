@@ -20,7 +20,7 @@ from kdforge.data.cache import (
     data_hash,
     teacher_state_hash,
 )
-from kdforge.data.transforms import apply_crop_flip, crop_flip_params, normalize, to_float
+from kdforge.data.transforms import apply_crop_flip, crop_flip_params, to_normalized
 from kdforge.errors import KdforgeError
 from kdforge.losses.kd import kd_loss
 from kdforge.models import create_model
@@ -94,8 +94,8 @@ def test_views_rebuild_bit_for_bit_and_wrap_every_k_epochs(setup) -> None:
         p = cache.view_params(epoch, index)
         fresh = crop_flip_params(index, 1, SEED, aug.crop_padding, aug.flip)
         assert all(torch.equal(p[k], fresh[k]) for k in ("dx", "dy", "flip"))
-        rebuilt = normalize(to_float(apply_crop_flip(data.train.images[index], p["dx"], p["dy"], p["flip"],
-                                                     aug.crop_padding)), data.train.mean, data.train.std)
+        rebuilt = to_normalized(apply_crop_flip(data.train.images[index], p["dx"], p["dy"], p["flip"],
+                                                aug.crop_padding), data.train.mean, data.train.std)
         assert torch.equal(rebuilt, trainer.make_batch(index, 1, 0).images)
         assert torch.equal(cache.lookup(epoch, index)["logits"], cache.lookup(1, index)["logits"])
     assert not torch.equal(cache.lookup(0, index)["logits"], cache.lookup(1, index)["logits"])

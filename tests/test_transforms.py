@@ -15,6 +15,7 @@ from kdforge.data.transforms import (
     normalize,
     random_crop_flip,
     to_float,
+    to_normalized,
 )
 from kdforge.errors import KdforgeError
 
@@ -135,3 +136,13 @@ def test_crop_flip_class_and_errors() -> None:
         random_crop_flip(data, [0, 1], epoch=0, seed=0)
     with pytest.raises(KdforgeError, match="padding"):
         crop_flip_params([0], epoch=0, seed=0, padding=-1)
+
+
+def test_to_normalized_is_the_fused_normalize() -> None:
+    data = _images(n=6)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    expected = (data.float() / 255.0 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(to_normalized(data, mean, std), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(to_normalized(data.float() / 255.0, mean, std), expected, atol=1e-6, rtol=0)
+    with pytest.raises(KdforgeError, match="3 channels but mean/std of length 2"):
+        to_normalized(data, (0.5, 0.5), (0.2, 0.2))

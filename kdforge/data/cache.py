@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from kdforge.data.base import ImageTensors
-from kdforge.data.transforms import apply_crop_flip, crop_flip_params, normalize, to_float
+from kdforge.data.transforms import apply_crop_flip, crop_flip_params, to_normalized
 from kdforge.errors import KdforgeError
 from kdforge.models.taps import FeatureTap
 from kdforge.train.checkpoint import atomic_write_text
@@ -177,7 +177,7 @@ def _run_epoch(teacher: nn.Module, tap: FeatureTap, images: Tensor, epoch: int, 
         params = crop_flip_params(index, epoch, seed, crop_padding, flip)
         if crop_padding > 0 or flip:
             batch = apply_crop_flip(batch, params["dx"], params["dy"], params["flip"], crop_padding)
-        x = normalize(to_float(batch.to(device)), mean, std)
+        x = to_normalized(batch.to(device), mean, std)
         tap.clear()
         with torch.inference_mode():
             logits = teacher(x)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from kdforge.config import RunConfig
 from kdforge.data.base import ImageTensors
 from kdforge.data.cache import TeacherCache, build_teacher_cache, cache_expectation
-from kdforge.data.transforms import apply_crop_flip, normalize, to_float
+from kdforge.data.transforms import apply_crop_flip, to_normalized
 from kdforge.distill.terms import LOGITS, Term, term_from_config
 from kdforge.errors import KdforgeError
 from kdforge.losses.base import LossContext
@@ -149,7 +149,7 @@ def student_features(student: nn.Module, tap: FeatureTap, images: Tensor, mean: 
     logits, feats = [], {n: [] for n in names}
     for i in range(0, images.shape[0], batch):
         tap.clear()
-        logits.append(student(normalize(to_float(images[i:i + batch]), mean, std)).float())
+        logits.append(student(to_normalized(images[i:i + batch], mean, std)).float())
         for n in names:
             feats[n].append(tap.features[n].float())
     student.train(was)
@@ -181,7 +181,7 @@ class Proxy:
         if p.crop_padding > 0 or p.flip:
             v = first.view_params(epoch, index)
             images = apply_crop_flip(images, v["dx"], v["dy"], v["flip"], p.crop_padding)
-        x = normalize(to_float(images), p.train.mean, p.train.std)
+        x = to_normalized(images, p.train.mean, p.train.std)
         outs = {tid: cache.lookup(epoch, index) for tid, cache in p.caches.items()}
         return index, x, p.train.labels[index], outs
 

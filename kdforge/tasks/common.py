@@ -41,7 +41,7 @@ from kdforge.config import (
     load_yaml,
     parse_override,
 )
-from kdforge.data.transforms import normalize, random_crop_flip, to_float
+from kdforge.data.transforms import normalize, random_crop_flip, to_normalized
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.train.optim import build_optimizer, lr_factor, set_lr
 
@@ -159,7 +159,7 @@ class IndexStream:
 
 def prepare_images(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """uint8 (or [0, 1] float) images -> normalised float, no augmentation (evaluation)."""
-    return normalize(to_float(images), mean, std)
+    return to_normalized(images, mean, std)
 
 
 def augment_images(

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from kdforge.config import RunConfig, dump_config
 from kdforge.data.stream import StreamingImages, batch_source, fetch_images
-from kdforge.data.transforms import apply_crop_flip, crop_flip_params, normalize, to_float
+from kdforge.data.transforms import apply_crop_flip, crop_flip_params, to_normalized
 from kdforge.distill.distiller import Batch, Distiller, Step
 from kdforge.errors import KdforgeError
 from kdforge.train.build import RunData, build_distiller, load_data
@@ -163,7 +163,7 @@ class Trainer:
     def _prepare(self, images_uint8: Tensor) -> Tensor:
         """uint8 -> normalized float on the training device (no augmentation)."""
         x = images_uint8.to(self.device)
-        x = normalize(to_float(x), self.data.train.mean, self.data.train.std, inplace=x.dtype == torch.uint8)
+        x = to_normalized(x, self.data.train.mean, self.data.train.std)
         if self.cfg.trainer.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
