@@ -6,7 +6,7 @@ superclasses, a 4-block ConvNet teacher of width 64 (15 epochs) and the same Con
 Fine classes of one superclass look alike, so the teacher's soft labels carry the sibling
 structure that one-hot labels lack and the KD student learns faster: it beats the scratch
 student at this budget (seeds 0-2 checked, see README). With 15 student epochs the width-16
-student saturates its capacity and the two tie (seed 0: 50.10 vs 50.10), so the demo shows
+student saturates its capacity and the two tied in a 15-epoch trial (seed 0: 50.10 vs 50.10), so the demo shows
 KD's gain in the budget-limited regime. Accuracies are final-epoch test top-1: nothing is
 selected on the test split.
 """
