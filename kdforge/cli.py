@@ -46,7 +46,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
             return 0
         cfg = load_config(args.config, args.overrides)
         run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    result = Trainer(cfg, run_dir, resume=bool(args.resume)).fit()
+    from kdforge.train.distributed import shutdown_distributed
+
+    try:
+        result = Trainer(cfg, run_dir, resume=bool(args.resume)).fit()
+    except BaseException:
+        shutdown_distributed(clean=False)
+        raise
+    shutdown_distributed()
     print(json.dumps(result, indent=2))
     return 0
 

@@ -67,3 +67,18 @@ def local_batch(global_batch: int, env: DistEnv) -> int:
     if global_batch % env.world:
         raise KdforgeError(f"data.batch_size={global_batch} must be divisible by the {env.world} processes")
     return global_batch // env.world
+
+
+def shutdown_distributed(clean: bool = True) -> None:
+    """Leave the process group: after a barrier when every rank finished (`clean`), else at once.
+
+    Without this, a rank that exits while its peer still tears down gloo's connections can die
+    with SIGABRT at interpreter exit. After a failure the barrier is skipped: the other ranks may
+    never reach it.
+    """
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if clean:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
