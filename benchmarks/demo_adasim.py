@@ -5,16 +5,15 @@ Recipe: configs/methods/adasim.yaml; the baseline is the same recipe with the ov
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _results import publish  # benchmarks/ is on sys.path
 
 from kdforge.config import load_yaml
 from kdforge.tasks.common import mean_std, run_config_file
-from kdforge.train.checkpoint import atomic_write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "methods" / "adasim.yaml"
@@ -55,9 +54,7 @@ def main() -> int:
             "unless the delta exceeds the stds."
         ),
     }
-    (ROOT / "results" / "methods").mkdir(parents=True, exist_ok=True)
-    atomic_write_text(ROOT / "results" / "methods" / "adasim.json", json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out, indent=2))
+    publish(out, ROOT / "results" / "methods" / "adasim.json", full=True)
     return 0
 
 

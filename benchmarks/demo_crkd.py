@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -39,10 +38,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _results import publish  # noqa: E402  (benchmarks/ is on sys.path)
+
 from kdforge.methods.crkd import CrKDConfig, build_ncd, run_crkd  # noqa: E402
 from kdforge.tasks.common import load_task_config, mean_std  # noqa: E402
 from kdforge.tasks.ncd import evaluate_ncd, pretrain_known  # noqa: E402
-from kdforge.train.checkpoint import atomic_write_text  # noqa: E402
 
 RECIPE = ROOT / "configs" / "methods" / "crkd.yaml"
 ARM_OVERRIDES = {"uno": ["crkd.alpha=0.0"], "crkd": [], "crkd_fixed": ["crkd.weighting=fixed"]}
@@ -98,14 +98,7 @@ def main() -> None:
             )
     wall = time.time() - start
     report = summarise(runs, seeds, wall, cfg, pre, len(train))
-    print(
-        json.dumps({k: report[k] for k in ("baseline_metric", "method_metric", "delta", "direction_holds")})
-    )
-    if args.quick:
-        return
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(args.out), json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out} ({wall:.0f}s)")
+    publish(report, None if args.quick else Path(args.out))
 
 
 def summarise(

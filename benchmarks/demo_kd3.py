@@ -5,16 +5,15 @@ Recipe: configs/methods/kd3.yaml; the baseline is the same recipe with the overr
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _results import publish  # benchmarks/ is on sys.path
 
 from kdforge.config import load_yaml
 from kdforge.tasks.common import mean_std
-from kdforge.train.checkpoint import atomic_write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "methods" / "kd3.yaml"
@@ -58,9 +57,7 @@ def main() -> int:
         "style_gap": {a: mean_std([r["style_gap"] for r in runs[a]]) for a in runs},
         "notes": NOTES,
     }
-    (ROOT / "results" / "methods").mkdir(parents=True, exist_ok=True)
-    atomic_write_text(ROOT / "results" / "methods" / "kd3.json", json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out, indent=2))
+    publish(out, ROOT / "results" / "methods" / "kd3.json", full=True)
     return 0
 
 

@@ -24,7 +24,6 @@ of the rarest label. Writes results/methods/l2d.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,10 +34,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _results import publish  # noqa: E402  (benchmarks/ is on sys.path)
+
 from kdforge.methods.l2d import L2DConfig, build_multilabel, run_l2d, train_teacher  # noqa: E402
 from kdforge.tasks.common import load_task_config, mean_std  # noqa: E402
 from kdforge.tasks.multilabel import evaluate  # noqa: E402
-from kdforge.train.checkpoint import atomic_write_text  # noqa: E402
 
 RECIPE = ROOT / "configs" / "methods" / "l2d.yaml"
 ARM_OVERRIDES = {
@@ -89,14 +89,7 @@ def main() -> None:
             )
     wall = time.time() - start
     report = summarise(runs, seeds, wall, cfg, teacher_eval, len(train), len(test))
-    print(
-        json.dumps({k: report[k] for k in ("baseline_metric", "method_metric", "delta", "direction_holds")})
-    )
-    if args.quick:
-        return
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(args.out), json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out} ({wall:.0f}s)")
+    publish(report, None if args.quick else Path(args.out))
 
 
 def summarise(
