@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from kdforge.errors import KdforgeError
-from kdforge.losses.base import Features
+from kdforge.losses.base import Features, LossContext
 
 
 def as_list(features: Features | None, name: str, role: str) -> list[Tensor]:
@@ -36,6 +36,14 @@ def single(features: Features | None, name: str, role: str) -> Tensor:
     if len(items) != 1:
         raise KdforgeError(f"{name}: expects one {role} tap, got {len(items)}")
     return items[0]
+
+
+def logit_pair(student: Features | None, teacher: Features | None, ctx: LossContext, name: str
+               ) -> tuple[Tensor, Tensor]:
+    """The (student, teacher) logits a logit loss compares; falls back to the context's logits."""
+    s = single(student if student is not None else ctx.student_logits, name, "student")
+    t = single(teacher if teacher is not None else ctx.teacher_logits, name, "teacher")
+    return s, t
 
 
 def flat(x: Tensor) -> Tensor:

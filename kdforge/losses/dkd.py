@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdforge.errors import KdforgeError
-from kdforge.losses._common import single
+from kdforge.losses._common import logit_pair
 from kdforge.losses.base import DistillLoss, Features, LossContext
 from kdforge.losses.kd import check_logits
 from kdforge.registry import LOSSES
@@ -79,8 +79,7 @@ class DKDLoss(DistillLoss):
     def forward(self, student: Features, teacher: Features | None, ctx: LossContext) -> Tensor:
         if ctx.target is None:
             raise KdforgeError("dkd: needs class labels (ctx.target) but the batch has none")
-        s = single(student if student is not None else ctx.student_logits, "dkd", "student")
-        t = single(teacher if teacher is not None else ctx.teacher_logits, "dkd", "teacher")
+        s, t = logit_pair(student, teacher, ctx, "dkd")
         return dkd_loss(s, t, ctx.target, self.alpha, self.beta, self.temperature)
 
     def extra_repr(self) -> str:

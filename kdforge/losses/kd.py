@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdforge.errors import KdforgeError
-from kdforge.losses._common import single
+from kdforge.losses._common import logit_pair
 from kdforge.losses.base import DistillLoss, Features, LossContext
 from kdforge.registry import LOSSES
 
@@ -41,8 +41,7 @@ class KDLoss(DistillLoss):
         self.temperature = float(temperature)
 
     def forward(self, student: Features, teacher: Features | None, ctx: LossContext) -> Tensor:
-        s = single(student if student is not None else ctx.student_logits, "kd", "student")
-        t = single(teacher if teacher is not None else ctx.teacher_logits, "kd", "teacher")
+        s, t = logit_pair(student, teacher, ctx, "kd")
         return kd_loss(s, t, self.temperature)
 
     def extra_repr(self) -> str:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdforge.errors import KdforgeError
-from kdforge.losses._common import single
+from kdforge.losses._common import logit_pair, single
 from kdforge.losses.base import DistillLoss, Features, LossContext
 from kdforge.losses.kd import check_logits
 from kdforge.registry import LOSSES
@@ -133,8 +133,7 @@ class L2DMLDLoss(DistillLoss):
         self.eps = float(eps)
 
     def forward(self, student: Features, teacher: Features | None, ctx: LossContext) -> Tensor:
-        s = single(student if student is not None else ctx.student_logits, "l2d_mld", "student")
-        t = single(teacher if teacher is not None else ctx.teacher_logits, "l2d_mld", "teacher")
+        s, t = logit_pair(student, teacher, ctx, "l2d_mld")
         return l2d_mld_loss(s, t, self.eps)
 
     def extra_repr(self) -> str:
