@@ -12,19 +12,15 @@ import sys
 from pathlib import Path
 
 from kdforge.errors import KdforgeError
-
-
-def _is_task_recipe(path: str) -> bool:
-    """Task recipes (multi-label, NCD, SSL, ...) name their method as a top-level string."""
-    from kdforge.config import load_yaml
-
-    return Path(path).is_file() and isinstance(load_yaml(path).get("method"), str)
+from kdforge.train.log import json_safe
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from kdforge.config import load_config
+    from kdforge.train.stages import is_task_recipe, run_recipe
     from kdforge.train.trainer import Trainer
 
+    task_recipe: tuple[str, list[str], bool] | None = None
     if args.resume:
         run_dir = Path(args.resume)
         saved = run_dir / "config.yaml"
@@ -35,26 +31,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise KdforgeError("with --resume RUN_DIR give only overrides (a.b=value), not a config file")
         # the interruption point of the first run must not stop the continued one
         overrides = ["trainer.stop_after_steps=null", *extra, *args.overrides]
-        cfg = load_config(saved, overrides)
+        if is_task_recipe(saved):
+            task_recipe = (str(saved), overrides, True)
+        else:
+            cfg = load_config(saved, overrides)
     else:
         if not args.config:
             raise KdforgeError("kdforge train needs a CONFIG file (or --resume RUN_DIR)")
-        if _is_task_recipe(args.config):   # settings beyond plain classification have their own loops
-            from kdforge.tasks.common import run_config_file
-
-            print(json.dumps(run_config_file(args.config, args.overrides), indent=2, default=str))
-            return 0
-        cfg = load_config(args.config, args.overrides)
         run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+        if is_task_recipe(args.config):   # multi-label, NCD, SSL, ...: stages of ordinary runs
+            task_recipe = (args.config, args.overrides, False)
+        else:
+            cfg = load_config(args.config, args.overrides)
     from kdforge.train.distributed import shutdown_distributed
 
     try:
-        result = Trainer(cfg, run_dir, resume=bool(args.resume)).fit()
+        if task_recipe is not None:
+            path, overrides, resume = task_recipe
+            result = run_recipe(path, overrides, out=run_dir, resume=resume)
+        else:
+            result = Trainer(cfg, run_dir, resume=bool(args.resume)).fit()
     except BaseException:
         shutdown_distributed(clean=False)
         raise
     shutdown_distributed()
-    print(json.dumps(result, indent=2))
+    print(json.dumps(json_safe(result), indent=2, default=str))
     return 0
 
 
@@ -218,9 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kdforge.train.trainer import Interrupted
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
+    except Interrupted as err:
+        print(f"kdforge: {err}", file=sys.stderr)
+        return err.exit_code
     except KdforgeError as err:
         print(f"kdforge: error: {err}", file=sys.stderr)
         return 2

@@ -1,29 +1,23 @@
-"""Shared pieces for task settings whose training does not fit the labelled-classification Trainer.
-
-A task package (multi-label, novel class discovery, semi-supervised, ...) owns its data, metric
-and loop; what every loop needs is here, generic and seeded:
+"""Helpers every task package shares (recipes, views, inference); the training loop is the Trainer's.
 
 * `load_task_config(schema, path_or_mapping, overrides)`: a YAML recipe (plus `a.b=value`
   overrides) validated into the task's own dataclass schema; an unknown key fails with one line
   naming the key, a close valid spelling and the file (same rules as `kdforge.config`).
-* `IndexStream` / `epoch_batches`: seeded shuffled index batches (finite epochs or an endless
-  stream, e.g. paired labelled/unlabelled streams in semi-supervised learning).
+* `LoopConfig`: the optimisation part of a task recipe; `kdforge.train.stages.loop_settings`
+  turns it into the Trainer's settings.
 * `augment_images` / `prepare_images`: the batched, counter-based crop/flip of
   `kdforge.data.transforms` and normalisation, so a view is a pure function of (seed, epoch, index).
-* `fit(...)`: the optimisation loop (lr schedule per step, grad clipping, tqdm progress bar,
-  per-epoch loss means). It never sees a test split: evaluation is the caller's job, after training.
 * `predict(...)`: batched no-grad inference in eval mode (restoring the previous mode).
 * `mean_std(...)`: the {mean, std, runs} summary of the results schema.
-* `run_config_file(path, overrides)`: run any recipe whose top-level `method:` names a registered
-  method exposing `run_config(tree, source)` (`python -m kdforge.tasks.common recipe.yaml k=v`).
+
+Index-addressable batches (`stream_batch`, `rank_share`) and `seeded_generator` live in
+`kdforge.tasks.base` with the Task interface.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +25,6 @@ from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from kdforge.config import (
     OptimConfig,
@@ -43,19 +36,15 @@ from kdforge.config import (
 )
 from kdforge.data.transforms import normalize, random_crop_flip, to_normalized
 from kdforge.errors import ConfigError, KdforgeError
-from kdforge.train.optim import build_optimizer, lr_factor, set_lr
+from kdforge.tasks.base import seeded_generator
 
 __all__ = [
-    "IndexStream",
     "LoopConfig",
     "augment_images",
-    "epoch_batches",
-    "fit",
     "load_task_config",
     "mean_std",
     "predict",
     "prepare_images",
-    "run_config_file",
     "seeded_generator",
 ]
 
@@ -106,54 +95,6 @@ class LoopConfig:
             raise ConfigError(f"{where}: optim.lr must be > 0, got {self.optim.lr}")
 
 
-# ------------------------------------------------------------------------------------- sampling
-
-
-def seeded_generator(*parts: int) -> torch.Generator:
-    """A CPU generator seeded from integer parts (e.g. run seed and a stream id)."""
-    seed = 0
-    for p in parts:
-        seed = (seed * 1_000_003 + int(p)) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
-
-
-def epoch_batches(
-    n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True
-) -> list[Tensor]:
-    """One epoch of shuffled index batches; the last partial batch is dropped unless it is the only one."""
-    if n < 1 or batch_size < 1:
-        raise KdforgeError(f"epoch_batches: need n >= 1 and batch_size >= 1, got {n}, {batch_size}")
-    order = torch.randperm(n, generator=generator)
-    batches = list(order.split(batch_size))
-    if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
-        batches.pop()
-    return batches
-
-
-class IndexStream:
-    """An endless stream of shuffled index batches over `n` samples (reshuffled every pass).
-
-    Batches never straddle two passes, so each pass visits every sample once; a pass shorter
-    than a batch yields one smaller batch.
-    """
-
-    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
-        if n < 1 or batch_size < 1:
-            raise KdforgeError(f"IndexStream: need n >= 1 and batch_size >= 1, got {n}, {batch_size}")
-        self.n, self.batch_size, self.generator = n, batch_size, generator
-        self._queue: list[Tensor] = []
-        self.passes = 0
-
-    def __iter__(self) -> IndexStream:
-        return self
-
-    def __next__(self) -> Tensor:
-        if not self._queue:
-            self._queue = epoch_batches(self.n, self.batch_size, self.generator, drop_last=True)
-            self.passes += 1
-        return self._queue.pop(0)
-
-
 # ------------------------------------------------------------------------------------- images
 
 
@@ -182,62 +123,7 @@ def augment_images(
     return normalize(views, mean, std)
 
 
-# ------------------------------------------------------------------------------------- loop
-
-
-StepFn = Callable[[int, int], tuple[Tensor, dict[str, float]]]
-
-
-def fit(
-    params: Sequence[nn.Parameter],
-    step_fn: StepFn,
-    steps_per_epoch: int,
-    loop: LoopConfig,
-    desc: str = "train",
-    on_epoch_start: Callable[[int], None] | None = None,
-    after_step: Callable[[int], None] | None = None,
-) -> list[dict[str, float]]:
-    """Minimise `step_fn(epoch, step) -> (loss, logs)` for `loop.epochs` x `steps_per_epoch` steps.
-
-    The learning rate follows `loop.schedule` per global step (as the Trainer does); `after_step`
-    runs after each optimizer update (prototype normalisation, EMA...). Returns the per-epoch
-    means of the loss and of every logged value.
-    """
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        raise KdforgeError(f"{desc}: nothing to train (no parameter requires grad)")
-    if steps_per_epoch < 1:
-        raise KdforgeError(f"{desc}: steps_per_epoch must be >= 1, got {steps_per_epoch}")
-    optimizer = build_optimizer(loop.optim, params)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    history: list[dict[str, float]] = []
-    total = loop.epochs * steps_per_epoch
-    bar = tqdm(total=total, desc=desc, disable=not loop.progress, leave=False, dynamic_ncols=True)
-    step = 0
-    for epoch in range(loop.epochs):
-        if on_epoch_start is not None:
-            on_epoch_start(epoch)
-        sums: dict[str, float] = {}
-        for i in range(steps_per_epoch):
-            set_lr(optimizer, base_lrs, lr_factor(loop.schedule, step, steps_per_epoch, loop.epochs))
-            loss, logs = step_fn(epoch, i)
-            if not torch.isfinite(loss):
-                raise KdforgeError(f"{desc}: loss became {float(loss)} at epoch {epoch}, step {i}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if loop.grad_clip:
-                nn.utils.clip_grad_norm_(params, loop.grad_clip)
-            optimizer.step()
-            if after_step is not None:
-                after_step(step)
-            step += 1
-            for k, v in {"loss": float(loss.detach()), **logs}.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
-        history.append({k: v / steps_per_epoch for k, v in sums.items()})
-    bar.close()
-    return history
+# ------------------------------------------------------------------------------------- inference
 
 
 @torch.no_grad()
@@ -287,47 +173,3 @@ def mean_std(values: Sequence[float | None], digits: int = 3) -> dict[str, Any]:
         return {"mean": None, "std": None, "runs": runs}
     std = statistics.stdev(vals) if len(vals) > 1 else 0.0
     return {"mean": round(statistics.mean(vals), digits), "std": round(std, digits), "runs": runs}
-
-
-# ------------------------------------------------------------------------------------- entry point
-
-
-def run_config_file(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Run a task recipe: its top-level `method:` names a registered method with `run_config`."""
-    from kdforge.methods.catalog import list_methods
-    from kdforge.registry import METHODS
-
-    tree = load_yaml(path)
-    for text in overrides:
-        keys, value = parse_override(text)
-        apply_override(tree, keys, value)
-    name = tree.get("method")
-    if not isinstance(name, str):
-        raise ConfigError(f"{path}: a task recipe needs a top-level 'method: <id>' string")
-    list_methods()  # imports every method module, so all registrations have run
-    runner = getattr(METHODS.get(name), "run_config", None)
-    if runner is None:
-        raise ConfigError(f"{path}: method '{name}' is not a task recipe method; use `kdforge train`")
-    return runner(tree, str(path) + (" + overrides" if overrides else ""))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m kdforge.tasks.common RECIPE.yaml [a.b=value ...]`: run it and print the result."""
-    import json
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print("usage: python -m kdforge.tasks.common RECIPE.yaml [a.b=value ...]")
-        return 0 if args else 2
-    start = time.time()
-    try:
-        result = run_config_file(args[0], args[1:])
-    except KdforgeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps({**result, "wall_time_s": round(time.time() - start, 1)}, indent=2, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -6,6 +6,7 @@ Layout inside a run directory::
     checkpoints/last.optim.safetensors  optimizer tensors (momentum buffers ...)
     checkpoints/last.json            epoch/step counters, best metric, optimizer non-tensor
                                      state, python/numpy/torch RNG states
+    checkpoints/last.task.safetensors  tensors of the task's own state (banks, pseudo-labels), if any
     checkpoints/best.safetensors     weights of the best evaluated epoch
 """
 
@@ -140,7 +141,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(ckpt_dir: Path, tag: str, weights: dict[str, Tensor], trainer_state: dict[str, Any],
                     optimizer: torch.optim.Optimizer | None = None,
-                    scaler_state: dict[str, Any] | None = None) -> None:
+                    scaler_state: dict[str, Any] | None = None,
+                    task_state: dict[str, Any] | None = None) -> None:
     """Write `<tag>.safetensors` (+ optimizer tensors) first, the JSON state last.
 
     The JSON is the commit point: a crash mid-save leaves the previous JSON pointing at
@@ -154,13 +156,16 @@ def save_checkpoint(ckpt_dir: Path, tag: str, weights: dict[str, Tensor], traine
         save_tensors(ckpt_dir / f"{tag}.optim.safetensors", opt_tensors)
     if scaler_state is not None:
         state["grad_scaler"] = split_state(scaler_state, "scaler", {})
+    if task_state:
+        task_tensors: dict[str, Tensor] = {}
+        state["task"] = split_state(task_state, "task", task_tensors)
+        save_tensors(ckpt_dir / f"{tag}.task.safetensors", task_tensors)
     state["rng"] = rng_state()
     atomic_write_text(ckpt_dir / f"{tag}.json", json.dumps(state, indent=1))
 
 
-def load_checkpoint(ckpt_dir: Path, tag: str = "last") -> tuple[dict[str, Tensor], dict[str, Any],
-                                                               dict[str, Any] | None]:
-    """(weights, trainer_state, optimizer_state_dict or None)."""
+def load_checkpoint(ckpt_dir: Path, tag: str = "last", with_task: bool = False) -> tuple[Any, ...]:
+    """(weights, trainer_state, optimizer_state_dict or None[, task_state when `with_task`])."""
     json_path = ckpt_dir / f"{tag}.json"
     if not json_path.is_file():
         raise KdforgeError(f"no '{tag}' checkpoint in {ckpt_dir} (missing {json_path.name})")
@@ -173,4 +178,9 @@ def load_checkpoint(ckpt_dir: Path, tag: str = "last") -> tuple[dict[str, Tensor
     if "optimizer" in state:
         opt_tensors = load_tensors(ckpt_dir / f"{tag}.optim.safetensors")
         optim_state = join_state(state.pop("optimizer"), opt_tensors)
-    return weights, state, optim_state
+    if not with_task:
+        return weights, state, optim_state
+    task_state: dict[str, Any] = {}
+    if "task" in state:
+        task_state = join_state(state.pop("task"), load_tensors(ckpt_dir / f"{tag}.task.safetensors"))
+    return weights, state, optim_state, task_state

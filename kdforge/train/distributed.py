@@ -36,6 +36,12 @@ class DistEnv:
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value
 
+    def all_reduce_max(self, value: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            value = value.clone()
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return value
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,17 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from kdforge.train.checkpoint import atomic_write_text
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/inf become null (JSON has no such numbers); containers are walked. Keeps every JSON file valid."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 class MetricsLog:

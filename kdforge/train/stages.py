@@ -1,0 +1,145 @@
+"""Task recipes and their stages: every stage is an ordinary, resumable run directory.
+
+A method that trains several things in sequence (a teacher, then the student; a supervised
+stage, then discovery) runs each as a `run_stage` of the one Trainer. The recipe's run
+directory holds the final stage; earlier stages live in `<run>/stages/<name>/`. Re-running the
+recipe with `resume=True` skips finished stages (their `result.json` exists), resumes the
+interrupted one from its checkpoint and starts the rest.
+
+Task recipes are YAML files whose top-level `method:` names a registered method with
+`run_config(tree, source, run_dir, resume)`; an optional top-level `trainer:` mapping (any
+`TrainerConfig` field: device, amp, threads, progress, tensorboard, stop_after_steps, ...)
+applies to every stage.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+from kdforge.config import RunConfig, TrainerConfig, apply_override, from_dict, load_yaml, parse_override
+from kdforge.errors import ConfigError, KdforgeError
+from kdforge.tasks.base import Task
+from kdforge.tasks.common import LoopConfig
+from kdforge.train.checkpoint import atomic_write_text, load_checkpoint
+
+__all__ = ["LoopConfig", "StageRun", "loop_settings", "recipe_tree", "run_recipe", "run_stage", "stage_dir"]
+
+
+def loop_settings(loop: LoopConfig, seed: int, trainer: TrainerConfig | None = None) -> RunConfig:
+    """A RunConfig carrying a task loop's optimisation (epochs, batch, optimizer, schedule, clip).
+
+    `trainer` holds the recipe-wide trainer options; the loop's own fields win where they overlap.
+    """
+    base = trainer or TrainerConfig(tensorboard=False, device="cpu")
+    cfg = RunConfig()
+    cfg.optim = loop.optim
+    cfg.schedule = loop.schedule
+    cfg.data.batch_size = loop.batch_size
+    cfg.trainer = replace(base, epochs=max(1, loop.epochs), seed=seed, grad_clip=loop.grad_clip,
+                          progress=loop.progress or base.progress)
+    return cfg
+
+
+def stage_dir(root: str | Path, name: str | None) -> Path:
+    """Where a stage's run lives: the recipe's run directory for the final stage, else stages/<name>."""
+    return Path(root) if name is None else Path(root) / "stages" / name
+
+
+class StageRun:
+    """The outcome of one stage: its trained module, its result dict and its run directory."""
+
+    def __init__(self, module: nn.Module, result: dict[str, Any], run_dir: Path, stopped: bool) -> None:
+        self.module, self.result, self.run_dir, self.stopped = module, result, run_dir, stopped
+
+
+def run_stage(root: str | Path, name: str | None, settings: RunConfig, task: Task, config_text: str,
+              quiet: bool = False) -> StageRun:
+    """Train `task` into its stage directory, or resume it, or (finished) load its trained weights.
+
+    `settings.trainer.stop_after_steps` stops the stage early (tests, interruption drills); the
+    caller must then stop the whole recipe (`StageRun.stopped`).
+    """
+    from kdforge.train.trainer import Trainer, resolve_device
+
+    run_dir = stage_dir(root, name)
+    result_file = run_dir / "result.json"
+    if result_file.is_file():       # finished earlier: rebuild the module and load its weights
+        import torch
+
+        from kdforge.train.distributed import DistEnv
+
+        torch.manual_seed(settings.trainer.seed)
+        module = task.build(resolve_device(settings.trainer.device), DistEnv())
+        weights, _, _, task_state = load_checkpoint(run_dir / "checkpoints", "last", with_task=True)
+        module.load_checkpoint_state(weights)
+        task.load_state_dict(task_state)
+        return StageRun(module, json.loads(result_file.read_text()), run_dir, stopped=False)
+    resume = (run_dir / "checkpoints" / "last.json").is_file()
+    if not quiet and name is not None:
+        print(f"== stage {name} -> {run_dir}" + (" (resumed)" if resume else ""), flush=True)
+    trainer = Trainer(settings, run_dir, resume=resume, quiet=quiet, task=task, config_text=config_text)
+    result = trainer.fit()
+    return StageRun(trainer.module, result, run_dir, stopped="stopped_at_step" in result)
+
+
+# ------------------------------------------------------------------------------------- recipes
+
+
+def recipe_tree(path: str | Path | dict[str, Any], overrides: Sequence[str] = ()) -> tuple[dict[str, Any], str]:
+    """A task recipe as a mapping (YAML file or mapping, plus `a.b=value` overrides) and its source name."""
+    if isinstance(path, dict):
+        tree, source = dict(path), "<recipe>"
+    else:
+        tree, source = load_yaml(path), str(path)
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(tree, keys, value)
+    if overrides:
+        source += " + overrides"
+    return tree, source
+
+
+def split_trainer(tree: dict[str, Any], source: str) -> tuple[dict[str, Any], TrainerConfig]:
+    """Pop the recipe-wide `trainer:` section (validated as TrainerConfig; CPU and no TensorBoard by default)."""
+    tree = dict(tree)
+    section = tree.pop("trainer", None) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{source}: 'trainer' must be a mapping of trainer options")
+    defaults = {"device": "cpu", "tensorboard": False}
+    return tree, from_dict(TrainerConfig, {**defaults, **section}, source, prefix="trainer.")
+
+
+def run_recipe(path: str | Path | dict[str, Any], overrides: Sequence[str] = (), out: str | Path | None = None,
+               resume: bool = False) -> dict[str, Any]:
+    """Run a task recipe into the run directory `out` (resuming it when `resume`)."""
+    from kdforge.methods.catalog import list_methods
+    from kdforge.registry import METHODS
+
+    tree, source = recipe_tree(path, overrides)
+    name = tree.get("method")
+    if not isinstance(name, str):
+        raise ConfigError(f"{source}: a task recipe needs a top-level 'method: <id>' string")
+    list_methods()  # imports every method module, so all registrations have run
+    runner = getattr(METHODS.get(name), "run_config", None)
+    if runner is None:
+        raise ConfigError(f"{source}: method '{name}' is not a task recipe method; its recipes are run configs")
+    root = Path(out) if out is not None else Path("runs") / (Path(path).stem if not isinstance(path, dict) else name)
+    if not resume and (root / "config.yaml").is_file():
+        raise KdforgeError(f"{root} already holds a run; pass --resume {root} to continue it or choose another --out")
+    if resume and not (root / "config.yaml").is_file():
+        raise KdforgeError(f"cannot resume: {root / 'config.yaml'} not found (is {root} a kdforge run directory?)")
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / "config.yaml", yaml.safe_dump(tree, sort_keys=False))
+    return runner(tree, source, root)
+
+
+def is_task_recipe(path: str | Path) -> bool:
+    """Task recipes (multi-label, NCD, SSL, ...) name their method as a top-level string."""
+    return Path(path).is_file() and isinstance(load_yaml(path).get("method"), str)
