@@ -221,7 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from kdforge.train.trainer import Interrupted
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    # `a.b=value` overrides may come after options (`train CFG --out D a.b=1`): argparse leaves them over
+    stray = [u for u in unknown if u.startswith("-") or "=" not in u]
+    if stray or (unknown and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or unknown)}")
+    if unknown:
+        args.overrides = [*args.overrides, *unknown]
     try:
         return int(args.fn(args) or 0)
     except Interrupted as err:

@@ -1,10 +1,15 @@
 """L2D: MLD and LED against hand computations, mAP against hand-worked APs, the multi-label setting."""
 
+import csv
+import json
 import math
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from recipe_checks import assert_ddp_matches, assert_resume_exact
 
 from kdforge.distill.terms import Term
 from kdforge.errors import ConfigError, KdforgeError
@@ -20,8 +25,10 @@ from kdforge.tasks.multilabel import (
     mean_average_precision,
     per_class_average_precision,
     procedural_multilabel,
-    train_multilabel,
 )
+from kdforge.tasks.multilabel.train import MultiLabelTask
+from kdforge.train.stages import loop_settings
+from kdforge.train.trainer import Trainer
 
 # --------------------------------------------------------------------------- MLD
 
@@ -215,11 +222,16 @@ def test_recipe_rejects_unknown_keys():
     assert cfg.seed == 3 and cfg.l2d.w_mld == 10.0 and cfg.l2d.w_cd == 100.0 and cfg.l2d.w_id == 1000.0
 
 
+TINY = ["data.num_train=96", "data.num_test=32", "data.num_classes=4", "data.image_size=12",
+        "teacher.backbone_args={width: 4}", "teacher.dim=8", "teacher.heads=2",
+        "student.backbone_args={width: 4}", "student.dim=8", "student.heads=2",
+        "teacher_train.epochs=1", "train.epochs=2", "l2d.bce_reduction=mean"]
+
+
 def test_teacher_cache_reproduces_the_uncached_run():
     data = procedural_multilabel("train", 96, 10, num_classes=4, image_size=12, seed=1)
     torch.manual_seed(5)
     teacher = labelwise_net("convnet", 4, dim=8, heads=2, backbone_args={"width": 4}).eval()
-    loop = LoopConfig(epochs=2, batch_size=32)
     terms = [
         Term("multilabel_bce", teacher=None, group="task"),
         Term("l2d_mld", weight=10),
@@ -229,12 +241,47 @@ def test_teacher_cache_reproduces_the_uncached_run():
     for cache in (None, {}):
         torch.manual_seed(0)
         student = labelwise_net("convnet", 4, dim=8, heads=2, backbone_args={"width": 4})
-        hist = train_multilabel(
-            student, data, terms, loop, seed=0, teacher=teacher, augment_seed=7, teacher_cache=cache
-        )
-        runs.append((hist, student.state_dict()))
+        task = MultiLabelTask(student, data, data, terms, 32, seed=0, teacher=teacher, augment_seed=7,
+                              teacher_cache=cache)
+        settings = loop_settings(LoopConfig(epochs=2, batch_size=32), seed=0)
+        trainer = Trainer(settings, Path(tempfile.mkdtemp()) / "run", quiet=True, task=task)
+        trainer.fit()
+        runs.append((trainer.metrics.rows, student.state_dict()))
         if cache is not None:
             assert sorted(cache) == [0, 1] and set(cache[0]) == {"logits", "label_embed"}
     (h0, s0), (h1, s1) = runs
-    assert h0[-1]["l2d_led"] == pytest.approx(h1[-1]["l2d_led"], rel=1e-4)
+    assert h0[-1]["train_l2d_led"] == pytest.approx(h1[-1]["train_l2d_led"], rel=1e-4)
     assert all(torch.allclose(s0[k].float(), s1[k].float(), atol=1e-5) for k in s0)
+
+
+def test_recipe_trains_teacher_and_student_stages_in_one_run_directory(tmp_path):
+    from kdforge.cli import main
+
+    assert main(["train", "configs/methods/l2d.yaml", "--out", str(tmp_path / "run"), *TINY]) == 0
+    for run in (tmp_path / "run", tmp_path / "run/stages/teacher"):
+        for name in ("config.yaml", "metrics.csv", "result.json", "checkpoints/last.safetensors", "predictions.png"):
+            assert (run / name).is_file(), run / name
+    result = json.loads((tmp_path / "run/result.json").read_text())
+    assert 0 <= result["test_mAP"] <= 100 and "teacher_test_mAP" in result and result["steps"] == 6
+    teacher_rows = list(csv.DictReader((tmp_path / "run/stages/teacher/metrics.csv").open()))
+    assert len(teacher_rows) == 1 and "train_bce" in teacher_rows[0] and "train_mld" not in teacher_rows[0]
+    # the same --out again is refused (no silent overwrite); --resume of a finished run retrains nothing
+    assert main(["train", "configs/methods/l2d.yaml", "--out", str(tmp_path / "run"), *TINY]) == 2
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 0
+
+
+def test_stop_and_resume_is_bit_identical(tmp_path):
+    # teacher stage: 3 steps; stop after 2 steps of it, then inside the student's second epoch
+    assert_resume_exact("configs/methods/l2d.yaml", TINY, tmp_path / "a", stop_after=2)
+    assert_resume_exact("configs/methods/l2d.yaml", TINY, tmp_path / "b", stop_after=4)
+
+
+def test_two_gloo_processes_match_one(tmp_path):
+    # BCE (mean) and MLD are per-sample terms: 2 ranks x 16 give 1 rank x 32's gradients, with a
+    # per-sample normalisation in the convnets (batch norm would see half batches per rank). SGD:
+    # Adam would blow the ~1e-9 summation-order noise of the attention key bias (whose true gradient
+    # is 0) up to lr-sized steps
+    ddp = [*TINY, "l2d.w_cd=0", "l2d.w_id=0", "trainer.threads=1", "train.optim.name=sgd",
+           "teacher_train.optim.name=sgd",
+           "teacher.backbone_args={width: 4, norm: group}", "student.backbone_args={width: 4, norm: group}"]
+    assert_ddp_matches(Path("configs/methods/l2d.yaml"), ddp, tmp_path)

@@ -14,9 +14,12 @@ that are present together, and whole-image feature KD favours the dominant objec
 
 (`configs/coco/resnet101_to_resnet34_l2d.py`; the feature term has weight 0). Both networks are
 `kdforge.tasks.multilabel.LabelWiseNet` (a zoo backbone + ML-Decoder-like head); the teacher is
-trained first with BCE alone and frozen. This runs in the multi-label task loop, not the
-classification Trainer. Recipe schema (`configs/methods/l2d.yaml`,
-`python -m kdforge.tasks.common configs/methods/l2d.yaml`):
+trained first with BCE alone and frozen. Both are stages of ordinary runs on the one Trainer
+(`MultiLabelTask`): `kdforge train configs/methods/l2d.yaml --out runs/l2d` trains the teacher
+into `runs/l2d/stages/teacher/` and the student into `runs/l2d/`; `kdforge train --resume
+runs/l2d` continues either. Under torchrun each rank takes its share of every batch; BCE (mean)
+and MLD are per-sample, LED relations and BCE (sum) are computed per rank. Recipe schema
+(`configs/methods/l2d.yaml`):
 
     method: l2d
     seed: int                      # student init and batch order
@@ -28,6 +31,7 @@ classification Trainer. Recipe schema (`configs/methods/l2d.yaml`,
     teacher_train: LoopConfig      # {epochs, batch_size, optim, schedule, grad_clip, progress}
     train: LoopConfig
     augment: {crop_padding, flip}
+    trainer: {device, threads, progress, stop_after_steps, ...}   # optional, every stage (TrainerConfig)
     l2d: {w_mld, w_cd, w_id, bce_reduction, eps, softmax_kd, kd_temperature}
          all weights 0 = the BCE-only student; softmax_kd > 0 adds Hinton KD over labels (comparison arm)
 
@@ -39,12 +43,14 @@ schedule instead of OneCycle, and a small decoder head (one layer, D = 32-64 ins
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import Tensor, nn
 
-from kdforge.config import OptimConfig, ScheduleConfig
+from kdforge.config import OptimConfig, ScheduleConfig, TrainerConfig, to_dict
 from kdforge.distill.terms import Term
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.registry import METHODS
@@ -53,11 +59,11 @@ from kdforge.tasks.multilabel import (
     AugmentSpec,
     LabelWiseNet,
     MultiLabelData,
-    evaluate,
+    MultiLabelTask,
     labelwise_net,
     procedural_multilabel,
-    train_multilabel,
 )
+from kdforge.train.stages import StageRun, loop_settings, run_stage, split_trainer
 
 __all__ = ["L2D", "L2DArgs", "L2DConfig", "build_multilabel", "l2d_terms", "run_l2d", "train_teacher"]
 
@@ -165,53 +171,54 @@ def _net(m: LabelWiseConfig, data: MultiLabelData) -> LabelWiseNet:
     return labelwise_net(m.backbone, data.num_classes, data.images.shape[1], m.dim, m.heads, m.backbone_args)
 
 
-def train_teacher(cfg: L2DConfig, train: MultiLabelData) -> LabelWiseNet:
-    """The teacher: a wider LabelWiseNet trained with BCE alone (seed `teacher_seed`), then frozen."""
+def train_teacher(cfg: L2DConfig, run_dir: str | Path, trainer: TrainerConfig | None = None,
+                  config_text: str = "") -> StageRun:
+    """Stage `teacher`: a wider LabelWiseNet trained with BCE alone (seed `teacher_seed`), into
+    `<run_dir>/stages/teacher`; a finished stage is loaded, not retrained."""
+    train, test = build_multilabel(cfg)
     torch.manual_seed(cfg.teacher_seed)
     teacher = _net(cfg.teacher, train)
-    train_multilabel(
-        teacher,
-        train,
-        l2d_terms(L2DArgs(w_mld=0, w_cd=0, w_id=0, bce_reduction=cfg.l2d.bce_reduction)),
-        cfg.teacher_train,
-        cfg.teacher_seed,
-        augment=cfg.augment,
-        augment_seed=cfg.augment_seed,
-        desc="l2d teacher",
-    )
-    return teacher.eval().requires_grad_(False)
+    terms = l2d_terms(L2DArgs(w_mld=0, w_cd=0, w_id=0, bce_reduction=cfg.l2d.bce_reduction))
+    task = MultiLabelTask(teacher, train, test, terms, cfg.teacher_train.batch_size, cfg.teacher_seed,
+                          augment=cfg.augment, augment_seed=cfg.augment_seed)
+    settings = loop_settings(cfg.teacher_train, cfg.teacher_seed, trainer)
+    return run_stage(run_dir, "teacher", settings, task, config_text or _recipe_text(cfg))
 
 
 def run_l2d(
     cfg: L2DConfig,
+    run_dir: str | Path,
     teacher: nn.Module | None = None,
     teacher_cache: dict[int, dict[str, Tensor]] | None = None,
+    trainer: TrainerConfig | None = None,
+    config_text: str = "",
 ) -> dict[str, Any]:
-    """Train the student of the recipe (with a given or freshly trained teacher); test mAP after training."""
+    """The recipe's stages: the teacher (unless given or not needed), then the student into `run_dir`.
+
+    Returns the student run's result (test mAP after the last epoch, per-label APs, the teacher's
+    test mAP), or `{"stopped_at_step": ...}` when `trainer.stop_after_steps` stopped a stage.
+    """
     cfg.check()
+    text = config_text or _recipe_text(cfg)
     train, test = build_multilabel(cfg)
     terms = l2d_terms(cfg.l2d)
     needs_teacher = any(t.needs_teacher for t in terms)
     if needs_teacher and teacher is None:
-        teacher = train_teacher(cfg, train)
+        stage = train_teacher(cfg, run_dir, trainer, text)
+        if stage.stopped:
+            return stage.result
+        teacher = stage.module.eval_model()
+    if teacher is not None:
+        teacher = teacher.eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)
     student = _net(cfg.student, train)
-    history = train_multilabel(
-        student,
-        train,
-        terms,
-        cfg.train,
-        cfg.seed,
-        teacher if needs_teacher else None,
-        cfg.augment,
-        cfg.augment_seed,
-        teacher_cache,
-        desc="l2d student",
-    )
-    result: dict[str, Any] = {**evaluate(student, test), "final_losses": history[-1] if history else {}}
-    if teacher is not None:
-        result["teacher_mAP"] = evaluate(teacher, test)["mAP"]
-    return result
+    task = MultiLabelTask(student, train, test, terms, cfg.train.batch_size, cfg.seed,
+                          teacher if needs_teacher else None, cfg.augment, cfg.augment_seed, teacher_cache)
+    return run_stage(run_dir, None, loop_settings(cfg.train, cfg.seed, trainer), task, text).result
+
+
+def _recipe_text(cfg: L2DConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 class L2D:
@@ -222,14 +229,16 @@ class L2D:
     @classmethod
     def build_module(cls, **_: Any) -> Any:
         raise KdforgeError(
-            "l2d is multi-label: it runs in the multi-label task loop, not the classification "
-            "Trainer: python -m kdforge.tasks.common configs/methods/l2d.yaml"
+            "l2d is multi-label: its recipes are task recipes with a top-level `method: l2d`; run "
+            "kdforge train configs/methods/l2d.yaml --out runs/l2d"
         )
 
     @classmethod
-    def run_config(cls, tree: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
-        """Run a `configs/methods/l2d.yaml` recipe (see the module docstring)."""
-        return run_l2d(load_task_config(L2DConfig, tree, name=source))
+    def run_config(cls, tree: dict[str, Any], source: str, run_dir: str | Path) -> dict[str, Any]:
+        """Run a `configs/methods/l2d.yaml` recipe into `run_dir` (see the module docstring)."""
+        body, trainer = split_trainer(tree, source)
+        cfg = load_task_config(L2DConfig, body, name=source)
+        return run_l2d(cfg, run_dir, trainer=trainer, config_text=yaml.safe_dump(tree, sort_keys=False))
 
 
 METHODS.register(

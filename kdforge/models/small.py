@@ -65,21 +65,31 @@ class MLP(nn.Module):
         return self.fc(self.layers(x))
 
 
+NORMS = {"batch": nn.BatchNorm2d, "group": lambda c: nn.GroupNorm(min(8, c), c), "none": lambda c: nn.Identity()}
+
+
 class ConvNet(nn.Module):
-    """`depth` stages of conv3x3-BN-ReLU (width doubling), 2x2 max-pool between stages,
-    global average pool and `fc`. Works for any input size (ceil-mode pools, adaptive pool)."""
+    """`depth` stages of conv3x3-norm-ReLU (width doubling), 2x2 max-pool between stages,
+    global average pool and `fc`. Works for any input size (ceil-mode pools, adaptive pool).
+
+    `norm`: "batch" (BatchNorm, the default), "group" (GroupNorm with up to 8 groups: per-sample,
+    so data-parallel ranks compute exactly what one process does, also on CPU where SyncBatchNorm
+    does not exist) or "none"."""
 
     reference_renames: tuple[tuple[str, str], ...] = ()
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32, depth: int = 3) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32, depth: int = 3,
+                 norm: str = "batch") -> None:
         super().__init__()
         check_positive(num_classes=num_classes, in_channels=in_channels, width=width, depth=depth)
+        if norm not in NORMS:
+            raise KdforgeError(f"convnet norm must be one of {', '.join(NORMS)}, got {norm!r}")
         channels = [width * 2 ** min(i, 2) for i in range(depth)]
         prev = in_channels
         for i, c in enumerate(channels, start=1):
             stage = nn.Sequential(OrderedDict([
-                ("conv", nn.Conv2d(prev, c, kernel_size=3, padding=1, bias=False)),
-                ("bn", nn.BatchNorm2d(c)),
+                ("conv", nn.Conv2d(prev, c, kernel_size=3, padding=1, bias=norm == "none")),
+                ("bn" if norm == "batch" else "norm", NORMS[norm](c)),
                 ("act_out", nn.ReLU()),
             ]))
             self.add_module(f"layer{i}", stage)
@@ -122,11 +132,12 @@ def mlp(
     return MLP(num_classes=num_classes, in_features=in_features, hidden=tuple(hidden), dropout=dropout)
 
 
-def convnet(num_classes: int = 100, in_channels: int = 3, width: int = 32, depth: int = 3) -> nn.Module:
-    """Small ConvNet (`depth` 1-4 stages of widths width, 2*width, 4*width, 4*width)."""
+def convnet(num_classes: int = 100, in_channels: int = 3, width: int = 32, depth: int = 3,
+            norm: str = "batch") -> nn.Module:
+    """Small ConvNet (`depth` 1-4 stages of widths width, 2*width, 4*width, 4*width; norm batch/group/none)."""
     if depth > 4:
         raise KdforgeError(f"convnet depth must be 1-4, got {depth}")
-    return ConvNet(num_classes=num_classes, in_channels=in_channels, width=width, depth=depth)
+    return ConvNet(num_classes=num_classes, in_channels=in_channels, width=width, depth=depth, norm=norm)
 
 
 MODELS.register("mlp", mlp, family="small", input_size=None)

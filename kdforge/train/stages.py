@@ -68,6 +68,9 @@ def run_stage(root: str | Path, name: str | None, settings: RunConfig, task: Tas
     """
     from kdforge.train.trainer import Trainer, resolve_device
 
+    from kdforge.train.distributed import dist_env_from_environment
+
+    dist_env_from_environment().barrier()     # every rank sees the same files before deciding
     run_dir = stage_dir(root, name)
     result_file = run_dir / "result.json"
     if result_file.is_file():       # finished earlier: rebuild the module and load its weights
@@ -119,6 +122,8 @@ def split_trainer(tree: dict[str, Any], source: str) -> tuple[dict[str, Any], Tr
 def run_recipe(path: str | Path | dict[str, Any], overrides: Sequence[str] = (), out: str | Path | None = None,
                resume: bool = False) -> dict[str, Any]:
     """Run a task recipe into the run directory `out` (resuming it when `resume`)."""
+    import importlib.util
+
     from kdforge.methods.catalog import list_methods
     from kdforge.registry import METHODS
 
@@ -126,17 +131,25 @@ def run_recipe(path: str | Path | dict[str, Any], overrides: Sequence[str] = (),
     name = tree.get("method")
     if not isinstance(name, str):
         raise ConfigError(f"{source}: a task recipe needs a top-level 'method: <id>' string")
-    list_methods()  # imports every method module, so all registrations have run
+    if isinstance(name, str) and name.isidentifier() and importlib.util.find_spec(f"kdforge.methods.{name}"):
+        importlib.import_module(f"kdforge.methods.{name}")     # registers the method
+    else:
+        list_methods()  # imports every method module, so the unknown name gets its close matches
     runner = getattr(METHODS.get(name), "run_config", None)
     if runner is None:
         raise ConfigError(f"{source}: method '{name}' is not a task recipe method; its recipes are run configs")
     root = Path(out) if out is not None else Path("runs") / (Path(path).stem if not isinstance(path, dict) else name)
+    from kdforge.train.distributed import dist_env_from_environment
+
+    env = dist_env_from_environment()
     if not resume and (root / "config.yaml").is_file():
         raise KdforgeError(f"{root} already holds a run; pass --resume {root} to continue it or choose another --out")
     if resume and not (root / "config.yaml").is_file():
         raise KdforgeError(f"cannot resume: {root / 'config.yaml'} not found (is {root} a kdforge run directory?)")
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(root / "config.yaml", yaml.safe_dump(tree, sort_keys=False))
+    env.barrier()                  # all ranks checked before rank 0 writes
+    if env.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(root / "config.yaml", yaml.safe_dump(tree, sort_keys=False))
     return runner(tree, source, root)
 
 

@@ -179,6 +179,9 @@ class Trainer:
             raise KdforgeError("optim.name=dot is not supported in distributed runs yet (its two gradients "
                                "bypass DDP's all-reduce); run it in one process")
         if self.cfg.trainer.sync_bn:
+            if self.device.type != "cuda":
+                raise KdforgeError("trainer.sync_bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernels); on CPU "
+                                   "drop it, or use a per-sample normalisation (e.g. convnet norm: group)")
             self.module.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.module.student)
         from torch.nn.parallel import DistributedDataParallel
 

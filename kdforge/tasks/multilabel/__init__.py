@@ -1,4 +1,4 @@
-"""Multi-label classification setting: procedural data, mAP, BCE task loss, label-wise model, loop."""
+"""Multi-label classification setting: procedural data, mAP, BCE task loss, label-wise model, the Task."""
 
 from kdforge.tasks.multilabel.data import SHAPES, MultiLabelData, label_frequencies, procedural_multilabel
 from kdforge.tasks.multilabel.metrics import (
@@ -10,9 +10,9 @@ from kdforge.tasks.multilabel.model import GroupFC, LabelWiseNet, QueryDecoder, 
 from kdforge.tasks.multilabel.train import (
     AugmentSpec,
     MultiLabelBCELoss,
+    MultiLabelTask,
     evaluate,
     multilabel_bce_loss,
-    train_multilabel,
 )
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "LabelWiseNet",
     "MultiLabelBCELoss",
     "MultiLabelData",
+    "MultiLabelTask",
     "QueryDecoder",
     "average_precision",
     "evaluate",
@@ -31,5 +32,4 @@ __all__ = [
     "multilabel_bce_loss",
     "per_class_average_precision",
     "procedural_multilabel",
-    "train_multilabel",
 ]

@@ -1,9 +1,9 @@
-"""Multi-label task loss, training loop and evaluation.
+"""Multi-label task loss, the multi-label Task (trained by the one Trainer) and evaluation.
 
-The loop reuses the core `Distiller`: its terms read logits or taps (e.g. `label_embed`) and
+The task reuses the core `Distiller`: its terms read logits or taps (e.g. `label_embed`) and
 receive the multi-hot targets (N, C) as `ctx.target`, so any registered loss plugs in. The
 task loss is `multilabel_bce` (BCE with logits; `reduction: sum` as in the ASL/L2D code family,
-or `mean`). Training never touches the test split; `evaluate` runs after it.
+or `mean`). Training never touches the test split; it is evaluated after training.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,25 +25,19 @@ from kdforge.losses._common import single
 from kdforge.losses.base import DistillLoss, Features, LossContext
 from kdforge.models.taps import FeatureTap
 from kdforge.registry import LOSSES
-from kdforge.tasks.common import (
-    LoopConfig,
-    augment_images,
-    epoch_batches,
-    fit,
-    predict,
-    prepare_images,
-    seeded_generator,
-)
+from kdforge.tasks.base import Task, rank_share, stream_batch
+from kdforge.tasks.common import augment_images, predict, prepare_images
 from kdforge.tasks.multilabel.data import MultiLabelData
 from kdforge.tasks.multilabel.metrics import per_class_average_precision
+from kdforge.train.distributed import DistEnv
 
 __all__ = [
     "AugmentSpec",
     "MultiLabelBCELoss",
+    "MultiLabelTask",
     "evaluate",
     "multilabel_bce_loss",
     "teacher_outputs",
-    "train_multilabel",
 ]
 
 
@@ -93,68 +89,81 @@ class AugmentSpec:
     flip: bool = True
 
 
-def train_multilabel(
-    student: nn.Module,
-    data: MultiLabelData,
-    terms: Sequence[Term],
-    loop: LoopConfig,
-    seed: int = 0,
-    teacher: nn.Module | None = None,
-    augment: AugmentSpec | None = None,
-    augment_seed: int | None = None,
-    teacher_cache: dict[int, dict[str, Tensor]] | None = None,
-    desc: str = "multilabel",
-) -> list[dict[str, float]]:
-    """Train `student` in place on `data` with the given terms (task + distillation); returns epoch logs.
+class MultiLabelTask(Task):
+    """Multi-label training of a student (with optional frozen teacher) on a `MultiLabelData` split.
 
-    `seed` sets the batch order (the caller seeds the initialisation); the crop/flip views use
-    `augment_seed` (default: `seed`). With a fixed `augment_seed`, a sample's view at an epoch is
-    the same in every run, so the teacher's outputs can be shared: pass one `teacher_cache`
-    dict to several runs and each epoch's teacher outputs (logits and the taps the terms read)
-    are computed once for the whole split, then sliced per batch.
+    Batch k of epoch e is `stream_batch(n, batch_size, e * steps + k, seed, 17)`; the crop/flip
+    view of a sample is a pure function of (augment_seed, epoch, index). With a fixed
+    `augment_seed` a sample's view at an epoch is the same in every run, so the teacher's outputs
+    can be shared: pass one `teacher_cache` dict to several runs and each epoch's teacher outputs
+    (logits and the taps the terms read) are computed once for the whole split, then sliced per
+    batch. Under DDP every rank takes its share of each global batch; BCE/MLD/KD are per-sample
+    terms, while LED's relations and `bce_reduction: sum` are per-rank (as in multi-GPU code).
     """
-    loop.check(desc)
-    augment = augment or AugmentSpec()
-    aug_seed = seed if augment_seed is None else augment_seed
-    distiller = Distiller(student, teacher, list(terms))
-    sample = prepare_images(data.images[:2], data.mean, data.std)
-    distiller.setup(sample, len(data))
-    gen = seeded_generator(seed, 17)
-    batches: list[Tensor] = []
-    steps = max(1, len(data) // loop.batch_size)
-    taps = sorted({n for t in terms if t.needs_teacher for n in t.teacher_taps if n != "logits"})
-    cache = teacher_cache if teacher is not None and teacher_cache is not None else None
 
-    def view(idx: Tensor, epoch: int) -> Tensor:
-        return augment_images(
-            data.images[idx], idx, epoch, aug_seed, data.mean, data.std, augment.crop_padding, augment.flip
-        )
+    name = "multilabel"
 
-    def on_epoch(epoch: int) -> None:
-        batches[:] = epoch_batches(len(data), loop.batch_size, gen)
-        if cache is not None and not all(k in cache.get(epoch, {}) for k in ["logits", *taps]):
-            cache[epoch] = {**cache.get(epoch, {}), **teacher_outputs(teacher, data, epoch, view, taps)}
+    def __init__(self, student: nn.Module, train: MultiLabelData, test: MultiLabelData, terms: Sequence[Term],
+                 batch_size: int, seed: int = 0, teacher: nn.Module | None = None,
+                 augment: AugmentSpec | None = None, augment_seed: int | None = None,
+                 teacher_cache: dict[int, dict[str, Tensor]] | None = None) -> None:
+        if batch_size < 1:
+            raise KdforgeError(f"multilabel: batch_size must be >= 1, got {batch_size}")
+        self.student, self.teacher, self.terms = student, teacher, list(terms)
+        self.train, self.test, self.batch_size, self.seed = train, test, batch_size, seed
+        self.augment = augment or AugmentSpec()
+        self.aug_seed = seed if augment_seed is None else augment_seed
+        self.taps = sorted({n for t in self.terms if t.needs_teacher for n in t.teacher_taps if n != "logits"})
+        self.cache = teacher_cache if teacher is not None and teacher_cache is not None else None
 
-    def step_fn(epoch: int, i: int) -> tuple[Tensor, dict[str, float]]:
-        idx = batches[i % len(batches)]
+    def build(self, device: torch.device, env: DistEnv) -> nn.Module:
+        self.device = device
+        self.distiller = Distiller(self.student, self.teacher, self.terms)
+        self.distiller.setup(prepare_images(self.train.images[:2], self.train.mean, self.train.std),
+                             len(self.train))
+        return self.distiller.to(device)
+
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.train) // self.batch_size)
+
+    def view(self, idx: Tensor, epoch: int) -> Tensor:
+        a = self.augment
+        return augment_images(self.train.images[idx], idx, epoch, self.aug_seed, self.train.mean, self.train.std,
+                              a.crop_padding, a.flip)
+
+    def on_epoch_start(self, module: nn.Module, epoch: int) -> None:
+        cache = self.cache
+        if cache is not None and not all(k in cache.get(epoch, {}) for k in ["logits", *self.taps]):
+            cache[epoch] = {**cache.get(epoch, {}), **teacher_outputs(self.teacher, self.train, epoch,
+                                                                      self.view, self.taps)}
+
+    def batch(self, epoch: int, step: int, env: DistEnv) -> Batch:
+        steps = self.steps_per_epoch()
+        idx = rank_share(stream_batch(len(self.train), self.batch_size, epoch * steps + step, self.seed, 17), env)
         cached = None
-        if cache is not None:
-            cached = {"teacher": {k: v[idx] for k, v in cache[epoch].items()}}
-        out = distiller(
-            Batch(
-                images=view(idx, epoch),
-                target=data.targets[idx],
-                index=idx,
-                epoch=epoch,
-                step=epoch * steps + i,
-                teacher_outputs=cached,
-            )
-        )
-        return out.total(), {k: float(v.detach()) for k, v in out.losses.items()}
+        if self.cache is not None:
+            cached = {"teacher": {k: v[idx].to(self.device) for k, v in self.cache[epoch].items()}}
+        return Batch(images=self.view(idx, epoch).to(self.device), target=self.train.targets[idx].to(self.device),
+                     index=idx.to(self.device), epoch=epoch, step=epoch * steps + step, teacher_outputs=cached)
 
-    distiller.train()
-    torch.manual_seed(seed)
-    return fit(distiller.trainable_parameters(), step_fn, steps, loop, desc, on_epoch_start=on_epoch)
+    def evaluate(self, module: nn.Module, split: str, env: DistEnv, autocast: Any = None) -> dict[str, float]:
+        data = {"train": self.train, "test": self.test}[split]
+        return evaluate(module.eval_model(), data)
+
+    def result(self, module: nn.Module, env: DistEnv, autocast: Any = None) -> dict[str, Any]:
+        out = {f"test_{k}": v for k, v in self.evaluate(module, "test", env).items()}
+        if self.teacher is not None:
+            out["teacher_test_mAP"] = evaluate(self.teacher, self.test)["mAP"]
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"task": self.name, "terms": [t.name for t in self.terms]}
+
+    def draw(self, module: nn.Module, path: Path) -> bool:
+        """Test images with their true labels and the student's predicted labels (p > 0.5)."""
+        from kdforge.tasks.multilabel.plot import draw_predictions
+
+        return draw_predictions(module.eval_model(), self.test, path)
 
 
 @torch.no_grad()
