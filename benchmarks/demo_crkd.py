@@ -5,9 +5,11 @@ classes, 80 training images per class; the first class of each pair is known (la
 partner novel (unlabelled), so a novel class resembles one known class. Model: convnet (width
 16) encoder, cosine known head, 2 novel heads (MLP projector + prototypes), temperature 0.1.
 
-The supervised stage (CE on the known classes) runs once; its weights start every discovery run
-and a frozen copy is CrKD's teacher. Discovery (per seed, same epochs, batches, views, optimiser
-and schedule in every arm):
+Every run is the recipe's two Trainer stages (`kdforge.methods.crkd.run_crkd`); the supervised
+stage (CE on the known classes) runs once, in the first run's `stages/pretrain`, and every other
+run loads it (`pretrain_from`): its weights start every discovery run and a frozen copy is
+CrKD's teacher. Discovery (per seed, same epochs, batches, views, optimiser and schedule in
+every arm):
 
 * `uno`: swapped prediction with Sinkhorn-Knopp pseudo-labels, 2 views (the paper's baseline).
 * `crkd`: + alpha * relation KD on the unlabelled samples (alpha 0.1, T 4, learnable weight).
@@ -17,7 +19,9 @@ Metric: task-aware novel-class clustering accuracy (Hungarian matching, mean ove
 heads) on the unlabelled training samples (the UNO/rKD protocol, transductive) after the last
 epoch; also on the test split, the task-agnostic all/old/new accuracy, and the card's diagnostic:
 KL between the teacher's and the student's known-class distributions on novel test samples.
-No model selection. Writes results/methods/crkd.json.
+No model selection. Writes results/methods/crkd.json (with the numbers of the last run before the
+move onto the one Trainer under `before_task_move`). Run directories go to a temporary directory
+(or `--runs DIR`).
 
     python benchmarks/demo_crkd.py               # seeds 0 1 2
     python benchmarks/demo_crkd.py --ablation    # + the fixed-weight arm
@@ -27,8 +31,8 @@ No model selection. Writes results/methods/crkd.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,9 +44,9 @@ sys.path.insert(0, str(ROOT))
 
 from _results import publish  # noqa: E402  (benchmarks/ is on sys.path)
 
-from kdforge.methods.crkd import CrKDConfig, build_ncd, run_crkd  # noqa: E402
+from kdforge.config import TrainerConfig  # noqa: E402
+from kdforge.methods.crkd import CrKDConfig, run_crkd  # noqa: E402
 from kdforge.tasks.common import load_task_config, mean_std  # noqa: E402
-from kdforge.tasks.ncd import evaluate_ncd, pretrain_known  # noqa: E402
 
 RECIPE = ROOT / "configs" / "methods" / "crkd.yaml"
 ARM_OVERRIDES = {"uno": ["crkd.alpha=0.0"], "crkd": [], "crkd_fixed": ["crkd.weighting=fixed"]}
@@ -56,6 +60,17 @@ METRICS = (
     "test_known",
     "relation_kl_test",
 )
+# Headline of the last run on the old per-task loop (tasks/common.py:fit, stateful batch generators).
+BEFORE_TASK_MOVE = {
+    "baseline_metric": {"mean": 73.188, "std": 1.825, "runs": [71.5, 72.938, 75.125]},
+    "method_metric": {"mean": 72.562, "std": 3.199, "runs": [69.938, 71.625, 76.125]},
+    "delta": -0.626,
+    "per_seed_deltas": [-1.562, -1.313, 1.0],
+    "crkd_fixed_train_novel": {"mean": 72.5, "std": 3.562, "runs": [68.938, 72.5, 76.062]},
+    "relation_kl_test": {"uno": 0.0381, "crkd": 0.0136},
+    "pretrain_known_acc": 93.0,
+    "wall_time_s": 146.0,
+}
 
 
 def main() -> None:
@@ -64,6 +79,8 @@ def main() -> None:
     parser.add_argument("--ablation", action="store_true", help="also run CrKD with the weight fixed to 1")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "methods" / "crkd.json")
+    parser.add_argument("--runs", type=Path, default=None,
+                        help="keep the run directories here (finished runs there are reused; default: temporary)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     quick = (
@@ -71,33 +88,29 @@ def main() -> None:
     )
     seeds = args.seeds[:1] if args.quick else args.seeds
     arms = ["uno", "crkd", *(["crkd_fixed"] if args.ablation else [])]
+    trainer = TrainerConfig(device="cpu", tensorboard=False, progress=False, threads=1)
     start = time.time()
-    cfg = load_task_config(CrKDConfig, RECIPE, quick)
-    torch.manual_seed(cfg.pretrain_seed)
-    train, test, model = build_ncd(cfg)
-    pretrain_known(model, train, cfg.pretrain, cfg.ncd, cfg.pretrain_seed)
-    state = copy.deepcopy(model.state_dict())
-    pre = evaluate_ncd(model, test)
-    print(
-        f"supervised stage: known-class test accuracy {pre['known']:.1f} ({time.time() - start:.0f}s)",
-        flush=True,
-    )
-    runs: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
-    for seed in seeds:
-        for arm in arms:
-            res = run_crkd(
-                load_task_config(CrKDConfig, RECIPE, [*quick, f"seed={seed}", *ARM_OVERRIDES[arm]]), state
-            )
-            runs[arm].append(res)
-            print(
-                f"seed {seed} {arm:>10}: novel(train) {res['train_novel']:.2f}  "
-                f"novel(test) {res['test_novel']:.2f}"
-                f"  all/old/new {res['test_all']:.1f}/{res['test_old']:.1f}/{res['test_new']:.1f}"
-                f"  relation KL {res['relation_kl_test']:.4f}  ({time.time() - start:.0f}s)",
-                flush=True,
-            )
+    with tempfile.TemporaryDirectory(prefix="demo_crkd_") as tmp:
+        root = args.runs or Path(tmp)
+        shared = root / f"{arms[0]}_seed{seeds[0]}"    # the first run trains the supervised stage for all
+        runs: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
+        for seed in seeds:
+            for arm in arms:
+                cfg = load_task_config(CrKDConfig, RECIPE, [*quick, f"seed={seed}", *ARM_OVERRIDES[arm]])
+                res = run_crkd(cfg, root / f"{arm}_seed{seed}", trainer=trainer, pretrain_from=shared)
+                runs[arm].append(res)
+                print(
+                    f"seed {seed} {arm:>10}: novel(train) {res['train_novel']:.2f}  "
+                    f"novel(test) {res['test_novel']:.2f}"
+                    f"  all/old/new {res['test_all']:.1f}/{res['test_old']:.1f}/{res['test_new']:.1f}"
+                    f"  relation KL {res['relation_kl_test']:.4f}  ({time.time() - start:.0f}s)",
+                    flush=True,
+                )
+    pre = {"known": runs[arms[0]][0]["teacher_test_known"]}
+    print(f"supervised stage: known-class test accuracy {pre['known']:.1f}", flush=True)
     wall = time.time() - start
-    report = summarise(runs, seeds, wall, cfg, pre, len(train))
+    n_train = cfg.data.num_train
+    report = summarise(runs, seeds, wall, cfg, pre, n_train)
     publish(report, None if args.quick else Path(args.out))
 
 
@@ -158,6 +171,7 @@ def summarise(
             f"scaled-down schedule ({cfg.discover.epochs} discovery epochs, 2 views, no small crops)."
         ),
         "crkd": {"arms": table, "pretrain_known_acc": pre["known"]},
+        "before_task_move": BEFORE_TASK_MOVE,
     }
 
 

@@ -1,15 +1,29 @@
-"""AdaSim bank, voting and adaptive partner sampling; DINO loss, k-NN metric against direct formulas."""
+"""AdaSim bank, voting and adaptive partner sampling; DINO loss, k-NN metric against direct formulas;
+its recipe through the one Trainer (exact resume, run directory, 2 gloo processes == 1)."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from recipe_checks import assert_ddp_matches, assert_resume_exact
 
+from kdforge.cli import main as cli_main
 from kdforge.errors import ConfigError
-from kdforge.methods.adasim import AdaSimConfig, NeighbourBank, adaptive_partners, vote_scores
+from kdforge.methods.adasim import AdaSimConfig, AdaSimTask, NeighbourBank, adaptive_partners, vote_scores
 from kdforge.tasks.common import load_task_config
-from kdforge.tasks.selfsup import dino_loss, ema_update, knn_accuracy
+from kdforge.tasks.selfsup import dino_loss, ema_update, knn_accuracy, random_view, view_params
+from kdforge.tasks.selfsup.dist import GlobalBatchNorm2d, global_batchnorm
+from kdforge.train.distributed import DistEnv
+
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "methods" / "adasim.yaml"
+# 64 images, batch 16: 4 steps/epoch x 3 epochs; window 1 and a soft sampling temperature, so the
+# bank is voted on and partners are drawn (some images bootstrapped) from the second epoch on
+TINY = ["data.num_train=64", "data.num_test=40", "width=4", "dino.out_dim=32", "dino.hidden=32",
+        "dino.bottleneck=16", "loop.epochs=3", "loop.batch_size=16", "adasim.window=1",
+        "adasim.sampling_temperature=0.5", "eval.probe_steps=10", "eval.knn_k=5", "trainer.progress=false"]
 
 
 def test_vote_sums_similarities_over_window():
@@ -94,3 +108,75 @@ def test_recipe_rejects_unknown_key_and_mode():
         load_task_config(AdaSimConfig, {"adasim": {"wat": 1}})
     with pytest.raises(ConfigError):
         load_task_config(AdaSimConfig, {"adasim": {"mode": "x"}}).check()
+
+
+def test_views_are_a_pure_function_of_the_generator_seed():
+    imgs = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    a = random_view(imgs, 8, (0.4, 1.0), torch.Generator().manual_seed(3), mean, std)
+    b = random_view(imgs, 8, (0.4, 1.0), torch.Generator().manual_seed(3), mean, std)
+    assert torch.equal(a, b)
+    p = view_params(6, (0.4, 1.0), torch.Generator().manual_seed(3))
+    assert set(p) == {"box", "flip", "bright", "contrast", "grey"} and all(len(v) == 6 for v in p.values())
+
+
+def test_task_batches_are_index_addressable_and_module_keeps_the_teacher():
+    cfg = load_task_config(AdaSimConfig, {"data": {"num_train": 64, "num_test": 40}, "width": 4,
+                                          "dino": {"out_dim": 32, "hidden": 32, "bottleneck": 16},
+                                          "loop": {"epochs": 2, "batch_size": 16}})
+    task = AdaSimTask(cfg)
+    module = task.build(torch.device("cpu"), DistEnv())
+    assert task.steps_per_epoch() == 4
+    a, b, c = task.batch(1, 2, DistEnv()), task.batch(1, 2, DistEnv()), task.batch(1, 3, DistEnv())
+    assert torch.equal(a.index, b.index) and torch.equal(a.g1, b.g1) and torch.equal(a.g2, b.g2)
+    assert not torch.equal(a.index, c.index)
+    # the EMA teacher is saved (exact resume) but never optimised
+    ids = {id(p) for p in module.trainable_parameters()}
+    assert ids == {id(p) for p in module.student.parameters()}
+    keys = module.checkpoint_state()
+    assert any(k.startswith("teacher.") for k in keys) and "center" in keys
+    before = [p.clone() for p in module.teacher.parameters()]
+    with torch.no_grad():
+        for p in module.student.parameters():
+            p.add_(1.0)
+    module.after_optimizer_step(0)       # m = teacher_momentum at step 0
+    m = cfg.dino.teacher_momentum
+    for t, s0, s in zip(module.teacher.parameters(), before, module.student.parameters(), strict=True):
+        assert torch.allclose(t, m * s0 + (1 - m) * s)
+
+
+def test_global_batchnorm_is_batchnorm_in_one_process():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    ref = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    ref.load_state_dict(net.state_dict())
+    global_batchnorm(net)
+    assert isinstance(net[1], GlobalBatchNorm2d)
+    x = torch.randn(5, 3, 6, 6)
+    assert torch.allclose(net(x), ref(x)) and torch.allclose(net[1].running_var, ref[1].running_var)
+
+
+def test_stop_and_resume_is_bit_identical(tmp_path):
+    # stop inside the third epoch: bank window full, partners drawn per step, epoch counts half-way
+    full = assert_resume_exact(RECIPE, TINY, tmp_path, stop_after=10)
+    assert full["steps"] == 12 and len(full["bootstrap_rate_per_epoch"]) == 3
+    assert sum(full["bootstrap_rate_per_epoch"]) > 0
+    assert {"knn_top1", "linear_top1", "neighbour_precision", "final_teacher_entropy", "final_loss"} <= set(full)
+
+
+def test_cli_train_writes_a_complete_run_dir(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(["train", str(RECIPE), *TINY, "adasim.mode=dino", "loop.epochs=1", "--out", str(out)]) == 0
+    for name in ("config.yaml", "metrics.csv", "result.json", "checkpoints/last.safetensors"):
+        assert (out / name).is_file(), name
+    assert not (out / "stages").exists()          # one stage: the recipe's run directory itself
+    result = json.loads((out / "result.json").read_text())
+    assert result["mode"] == "dino" and result["steps"] == 4 and result["neighbour_precision"] is None
+    assert "train_bootstrap_rate" in (out / "metrics.csv").read_text()
+    assert cli_main(["train", str(RECIPE), *TINY, "--out", str(out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_two_gloo_processes_match_one(tmp_path):
+    # the bank, partner draws and centre see the global batch; BatchNorm uses global-batch statistics
+    assert_ddp_matches(RECIPE, TINY, tmp_path)

@@ -1,14 +1,20 @@
-"""CrKD: relation KD and its learnable weight against hand computations; the NCD setting's pieces."""
+"""CrKD: relation KD and its learnable weight against hand computations; the NCD setting's pieces;
+the two-stage recipe through the one Trainer (exact resume, run directory, shared pretraining)."""
 
-import copy
+import json
 import math
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from recipe_checks import assert_resume_exact
 
+from kdforge.cli import main as cli_main
+from kdforge.config import TrainerConfig
 from kdforge.errors import ConfigError, KdforgeError
-from kdforge.methods.crkd import CrKD, CrKDConfig, relation_drift, relation_kd_loss
+from kdforge.methods.crkd import CrKD, CrKDConfig, CrKDTask, ncd_setting, relation_kd_loss, run_crkd
 from kdforge.registry import METHODS
 from kdforge.tasks.common import LoopConfig, load_task_config
 from kdforge.tasks.ncd import (
@@ -21,8 +27,16 @@ from kdforge.tasks.ncd import (
     sinkhorn_knopp,
     split_cluster_accuracy,
     swapped_prediction_loss,
-    train_discovery,
 )
+from kdforge.train.stages import loop_settings
+from kdforge.train.trainer import Trainer
+
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "methods" / "crkd.yaml"
+# 4 classes x 12 images at 8 px, a width-4 convnet: pretrain 3 steps, discovery 2 epochs x 3 steps
+TINY = ["data.pairs=2", "data.num_train=48", "data.num_test=24", "data.image_size=8",
+        "model.backbone_args.width=4", "model.hidden_dim=16", "model.proj_dim=8",
+        "pretrain.epochs=1", "pretrain.batch_size=8", "discover.epochs=2", "discover.batch_size=16",
+        "trainer.progress=false"]
 
 SCALE = 0.1 * 4.0  # logit temperature tau * KD temperature T: the loss divides logits by it
 
@@ -143,22 +157,26 @@ def test_ncd_split_relabels_known_then_novel():
         )
 
 
-def test_crkd_term_keeps_the_relation_closer_to_the_teacher():
+def test_crkd_term_keeps_the_relation_closer_to_the_teacher(tmp_path):
+    cfg = load_task_config(CrKDConfig, {"data": {"pairs": 3, "num_train": 120, "num_test": 30, "image_size": 8,
+                                                 "seed": 1},
+                                        "model": {"backbone_args": {"width": 4}, "num_heads": 1, "hidden_dim": 16,
+                                                  "proj_dim": 8}})
+    train, test, make_net = ncd_setting(cfg)
     torch.manual_seed(0)
-    data = procedural_ncd("train", pairs=3, num_train=120, num_test=30, image_size=8, seed=1)
-    base = discovery_net("convnet", 3, 3, num_heads=1, hidden_dim=16, proj_dim=8, backbone_args={"width": 4})
-    teacher = copy.deepcopy(base).eval()
-    loop = LoopConfig(epochs=3, batch_size=40)
+    start = make_net().state_dict()      # an untrained start is enough to see the drift
+    settings = loop_settings(LoopConfig(epochs=2, batch_size=40), 0, TrainerConfig(device="cpu", tensorboard=False,
+                                                                                   progress=False))
     drift = {}
     for alpha in (0.0, 5.0):
-        model = copy.deepcopy(base)
-        extra = CrKD.snapshot(teacher, alpha=alpha) if alpha else None
-        before = {k: v.clone() for k, v in extra.teacher.state_dict().items()} if extra else {}
-        train_discovery(model, data, loop, NCDSpec(), seed=0, extra_loss=extra)
-        drift[alpha] = relation_drift(teacher, model, data)
+        task = CrKDTask(train, test, make_net, NCDSpec(), 0, 40, pretrained=start, crkd=replace(cfg.crkd, alpha=alpha))
+        trainer = Trainer(settings, tmp_path / f"a{alpha}", task=task, quiet=True)
+        before = {k: v.clone() for k, v in trainer.module.teachers.state_dict().items()}
+        drift[alpha] = trainer.fit()["relation_kl_test"]
     assert drift[5.0] < drift[0.0]
-    frozen = extra.teacher.state_dict()  # the snapshot never trains (weights and BN statistics)
+    frozen = trainer.module.teachers.state_dict()  # the snapshot never trains (weights and BN statistics)
     assert all(torch.equal(frozen[k], v) for k, v in before.items())
+    assert not any(k.startswith("teachers") for k in trainer.module.checkpoint_state())
 
 
 def test_crkd_term_reads_only_unlabelled_rows():
@@ -172,7 +190,9 @@ def test_crkd_term_reads_only_unlabelled_rows():
         "logits_unlab": torch.stack([o["logits_unlab"] for o in outs]),
     }
     labelled = torch.tensor([True, False, True, False])
-    loss, _ = term(x, outputs, labelled)
+    loss, logs = term(x, outputs, labelled)
+    assert set(logs) == {"rkd_unweighted", "rkd_w_std"}
+    assert float(loss.detach()) == pytest.approx(0.5 * float(logs["rkd_unweighted"]))
     lab, unl = outputs["logits_lab"][:, ~labelled], outputs["logits_unlab"][:, :, ~labelled]
     with torch.no_grad():
         t = torch.stack([term.teacher(v[~labelled])["logits_lab"] for v in x])
@@ -193,3 +213,33 @@ def test_recipe_and_registry():
         load_task_config(CrKDConfig, {"crkd": {"alfa": 0.1}})
     with pytest.raises(KdforgeError):
         CrKD.build_module()
+
+
+# --------------------------------------------------------------------------- the recipe on the Trainer
+
+
+def test_resume_inside_discovery_is_exact(tmp_path):
+    # pretrain has 3 steps, so step 4 stops the discovery stage in its second epoch
+    full = assert_resume_exact(RECIPE, TINY, tmp_path, stop_after=4)
+    assert full["steps"] == 6 and 0 <= full["best_head"] < 2 and "relation_kl_test" in full
+
+
+def test_cli_writes_a_complete_run_and_pretraining_is_shared(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli_main(["train", str(RECIPE), *TINY, "--out", str(run)]) == 0
+    for name in ("config.yaml", "metrics.csv", "result.json", "checkpoints/last.safetensors",
+                 "stages/pretrain/result.json", "stages/pretrain/metrics.csv",
+                 "stages/pretrain/checkpoints/last.safetensors"):
+        assert (run / name).is_file(), name
+    result = json.loads((run / "result.json").read_text())
+    assert result["task"] == "ncd_discovery_crkd" and "train_novel" in result and "teacher_test_known" in result
+    assert "rkd" in (run / "metrics.csv").read_text().splitlines()[0]
+
+    cfg = load_task_config(CrKDConfig, RECIPE, [o for o in TINY if not o.startswith("trainer.")] + ["seed=1"])
+    quiet = TrainerConfig(device="cpu", tensorboard=False, progress=False)
+    other = run_crkd(cfg, tmp_path / "seed1", trainer=quiet, pretrain_from=run)   # reuses run's teacher
+    assert not (tmp_path / "seed1" / "stages").exists()
+    assert other["teacher_test_known"] == result["teacher_test_known"]
+    cfg.pretrain_seed = 1
+    with pytest.raises(KdforgeError, match="pretrain_seed"):
+        run_crkd(cfg, tmp_path / "bad", trainer=quiet, pretrain_from=run)

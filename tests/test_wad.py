@@ -1,10 +1,14 @@
-"""WAD: class scores, pseudo-labels, margin weights, selection and the weighted loss vs hand computations."""
+"""WAD: class scores, pseudo-labels, margin weights, selection and the weighted loss vs hand computations;
+the two stages through the Trainer (exact resume inside a round, 2 gloo processes == 1)."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from recipe_checks import assert_ddp_matches, assert_resume_exact
 
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.methods.wad import (
@@ -18,10 +22,16 @@ from kdforge.methods.wad import (
     wad_knowledge,
     wad_scores,
 )
-from kdforge.models import create_model
 from kdforge.registry import METHODS
 from kdforge.tasks.common import LoopConfig, load_task_config
-from kdforge.tasks.ssl import gaussian_blobs, mismatch_split, nt_xent_loss, train_weighted, weighted_pseudo_ce
+from kdforge.tasks.ssl import RoundsTask, gaussian_blobs, mismatch_split, nt_xent_loss, weighted_pseudo_ce
+from kdforge.train.stages import loop_settings, run_stage
+
+RECIPE = "configs/methods/wad.yaml"
+# 400 unlabelled, 20 labelled; teacher 1 epoch of 6 steps (batch 64); 3 rounds of 6 steps (batch 32 + 32)
+TINY = ["data.per_class=60", "data.per_class_test=20", "data.unlabelled_per_class=40", "iterations=6",
+        "teacher.loop.epochs=1", "teacher.loop.batch_size=64", "wad.split=2", "wad.alpha=0.2",
+        "trainer.progress=false"]
 
 
 def _unit(deg: float) -> list[float]:
@@ -129,45 +139,33 @@ def test_mismatch_split_counts():
         mismatch_split(x, y, xt, yt, [1, 3], 5, mismatch=0.9, seed=0)  # not enough unknown samples
 
 
-def test_zero_weights_equal_supervised_training():
-    x, y, _, _ = gaussian_blobs(num_classes=3, dim=4, per_class=40, per_class_test=5, seed=1)
-    lab, unl = torch.arange(12), torch.arange(12, 60)
-    loop = LoopConfig(batch_size=8)
+class _ZeroWeights(RoundsTask):
+    def knowledge(self, labelled, labels, unlabelled):
+        return torch.zeros(len(unlabelled), dtype=torch.long), torch.zeros(len(unlabelled))
+
+
+def test_zero_weights_equal_supervised_training(tmp_path):
+    # the labelled stream is the same in both tasks (seed parts (seed, 53, round)); w = 0 adds nothing
+    x, y, xt, yt = gaussian_blobs(num_classes=3, dim=4, per_class=40, per_class_test=5, seed=1)
+    data = mismatch_split(x, y, xt, yt, [0, 1], 6, 0.3, seed=0, unlabelled_per_class=20)
+    settings = loop_settings(LoopConfig(epochs=1, batch_size=8), seed=3)
     states = []
-    for weights in (None, torch.zeros(48)):
-        torch.manual_seed(0)
-        net = create_model("mlp", num_classes=3, in_features=4, hidden=(8,))
-        if weights is None:
-            train_weighted(net, x, lab, y[lab], loop, 20, seed=3)
-        else:
-            train_weighted(
-                net, x, lab, y[lab], loop, 20, unl, torch.zeros(48, dtype=torch.long), weights, seed=3
-            )
-        states.append(net.state_dict())
+    for name, task in [("sup", RoundsTask(data, [8], 8, 20, seed=3, unlabelled=False)),
+                       ("zero", _ZeroWeights(data, [8], 8, 20, seed=3))]:
+        states.append(run_stage(tmp_path, name, settings, task, "", quiet=True).module.student.state_dict())
     assert all(torch.allclose(states[0][k], states[1][k], atol=1e-6) for k in states[0])
 
 
-def test_rounds_move_the_scheduled_fraction():
-    cfg = load_task_config(
-        WADConfig,
-        None,
-        [
-            "data.per_class=60",
-            "data.per_class_test=20",
-            "data.unlabelled_per_class=40",
-            "iterations=5",
-            "teacher.loop.epochs=1",
-            "wad.split=2",
-            "wad.alpha=0.2",
-        ],
-    )
+def test_rounds_move_the_scheduled_fraction(tmp_path):
+    cfg = load_task_config(WADConfig, None, [t for t in TINY if not t.startswith("trainer.")])
     data = build_ssl(cfg)
-    res = run_wad(cfg, data)
+    res = run_wad(cfg, tmp_path, data, quiet=True)
     u0 = len(data.unlabelled)
     r1, r2, r3 = res["rounds"]
     assert r1["moved"] == int(0.2 * (1 - 1 / 2) ** 2 * u0)  # alpha_1 = 0.05
     assert r2["labelled"] == len(data.labelled) + r1["moved"] and r2["unlabelled"] == u0 - r1["moved"]
     assert "moved" not in r3 and 0.0 <= res["acc"] <= 100.0  # alpha_{split+1} = 0
+    assert res["epochs"] == 3 and res["steps"] == 18      # one Trainer epoch per round
 
 
 def test_recipe_and_registry():
@@ -182,7 +180,7 @@ def test_recipe_and_registry():
         WAD.build_module()
 
 
-def test_teacher_is_a_function_of_its_seed():
+def test_teacher_is_a_function_of_its_seed(tmp_path):
     cfg = load_task_config(
         WADConfig,
         None,
@@ -194,9 +192,39 @@ def test_teacher_is_a_function_of_its_seed():
         ],
     )
     data = build_ssl(cfg)
-    first = train_teacher(cfg, data, seed=4).state_dict()
+    first = train_teacher(cfg, data, tmp_path / "a", seed=4, quiet=True).state_dict()
     torch.rand(7)  # the global RNG state must not matter
-    second = train_teacher(cfg, data, seed=4).state_dict()
-    other = train_teacher(cfg, data, seed=5).state_dict()
+    second = train_teacher(cfg, data, tmp_path / "b", seed=4, quiet=True).state_dict()
+    other = train_teacher(cfg, data, tmp_path / "c", seed=5, quiet=True).state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_recipe_writes_teacher_stage_and_final_run_directory(tmp_path):
+    from kdforge.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", RECIPE, "--out", str(run), *TINY]) == 0
+    for d in (run, run / "stages/teacher"):
+        for name in ("config.yaml", "metrics.csv", "result.json", "checkpoints/last.safetensors"):
+            assert (d / name).is_file(), d / name
+    result = json.loads((run / "result.json").read_text())
+    assert 0 <= result["acc"] <= 100 and len(result["rounds"]) == 3 and result["steps"] == 18
+    assert "train_unsup" in (run / "metrics.csv").read_text().splitlines()[0]
+    assert main(["train", "--resume", str(run)]) == 0       # a finished run retrains nothing
+    supervised = tmp_path / "supervised"      # labelled CE only: no teacher stage, one epoch of all steps
+    assert main(["train", RECIPE, "--out", str(supervised), *TINY, "wad.mode=supervised"]) == 0
+    result = json.loads((supervised / "result.json").read_text())
+    assert not (supervised / "stages").exists() and result["steps"] == 18 and result["rounds"] == []
+
+
+@pytest.mark.parametrize("stop_after", [3, 9, 12])
+def test_stop_and_resume_is_bit_identical(tmp_path, stop_after):
+    # 3: inside the teacher stage (6 steps); 9: inside round 2 of the classifier (steps 6-12); 12: at
+    # the end of round 2 (samples are moved, the next round starts with a fresh optimizer)
+    assert_resume_exact(RECIPE, TINY, tmp_path, stop_after=stop_after)
+
+
+def test_two_gloo_processes_match_one(tmp_path):
+    # teacher: NT-Xent over all-gathered projections; classifier: per-sample means of both streams
+    assert_ddp_matches(Path(RECIPE), [*TINY, "trainer.threads=1"], tmp_path)

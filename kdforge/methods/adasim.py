@@ -17,7 +17,17 @@ often other concepts. AdaSim (official `tileb1/AdaSim`, card p14) bootstraps ada
 `mode: dino` is the baseline (same loop, never bootstrap); `mode: naive` always takes the
 latest top-1 neighbour other than i (from epoch V on), the card's naive-NN diagnostic arm.
 
-Recipe schema (`configs/methods/adasim.yaml`; `python -m kdforge.tasks.common configs/methods/adasim.yaml`):
+Training is one stage of the one Trainer (`AdaSimTask`, a `SelfDistillTask`): the module holds
+student, EMA teacher (cosine momentum per global step) and DINO centre; the bank, its window
+and the bootstrap statistics are task state, so `kdforge train --resume` is exact. The partner
+draw of batch k of epoch e uses a generator seeded by (seed, e, k). DDP is exact: every rank
+keeps the same bank (teacher features are all-gathered), draws the partners of the global batch
+and takes its share; the centre and BatchNorm statistics cover the global batch.
+
+Run: `kdforge train configs/methods/adasim.yaml --out runs/adasim [a.b=value ...]`; continue an
+interrupted run with `kdforge train --resume runs/adasim`; two processes with
+`torchrun --nproc_per_node=2 -m kdforge.cli train configs/methods/adasim.yaml` (batch divisible by 2).
+`run_adasim(cfg, run_dir)` is the Python entry point (the demo's arms). Recipe schema:
 
     method: adasim
     seed: int
@@ -28,35 +38,36 @@ Recipe schema (`configs/methods/adasim.yaml`; `python -m kdforge.tasks.common co
     loop: {epochs, batch_size, optim, schedule, grad_clip, progress}     # LoopConfig
     adasim: {mode: adasim|dino|naive, topk, window, sampling_temperature}
     eval: {knn_k, knn_temperature, probe_steps}
+    trainer: {...}                                                # optional TrainerConfig fields
 
-Unknown keys fail with one line naming the key. Labels are read only by the evaluation.
+Unknown keys fail with one line naming the key. Labels are read only by the evaluation
+(k-NN / linear probe on the test split, after training) and by the neighbour-precision diagnostic.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+import yaml
+from torch import Tensor, nn
 
-from kdforge.config import OptimConfig, ScheduleConfig
-from kdforge.data.synthetic import procedural_cifar
+from kdforge.config import OptimConfig, ScheduleConfig, TrainerConfig
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.registry import METHODS
-from kdforge.tasks.common import LoopConfig, load_task_config, predict, prepare_images, seeded_generator
-from kdforge.tasks.datafree.model import TinyCNN
-from kdforge.tasks.selfsup import (
-    DINOHead,
-    DINOSpec,
-    SelfDistillNet,
-    knn_accuracy,
-    linear_probe_accuracy,
-    train_self_distillation,
-)
+from kdforge.tasks.base import seeded_generator
+from kdforge.tasks.common import LoopConfig, load_task_config
+from kdforge.tasks.selfsup import DINOSpec, SelfDistillTask, SSLDataConfig, SSLEvalConfig
+from kdforge.train.distributed import DistEnv
+from kdforge.train.stages import loop_settings, run_stage, split_trainer
 
-__all__ = ["AdaSimConfig", "NeighbourBank", "adaptive_partners", "run_adasim", "vote_scores"]
+__all__ = ["AdaSimConfig", "AdaSimTask", "NeighbourBank", "adaptive_partners", "run_adasim", "vote_scores"]
+
+PARTNER_STREAM = 5     # seed part of the partner draws
 
 MODES = ("adasim", "dino", "naive")
 
@@ -142,27 +153,11 @@ class NeighbourBank:
 
 
 @dataclass
-class SSLDataConfig:
-    num_classes: int = 10
-    num_train: int = 1500
-    num_test: int = 1000
-    image_size: int = 16
-    seed: int = 0
-
-
-@dataclass
 class AdaSimArgs:
     mode: str = "adasim"
     topk: int = 10
     window: int = 3
     sampling_temperature: float = 0.001
-
-
-@dataclass
-class SSLEvalConfig:
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    probe_steps: int = 300
 
 
 @dataclass
@@ -190,98 +185,118 @@ class AdaSimConfig:
         if a.topk < 1 or a.window < 1 or a.sampling_temperature <= 0:
             raise ConfigError("adasim recipe: adasim.topk and window must be >= 1, sampling_temperature > 0")
         self.loop.check("adasim recipe: loop")
+        self.dino.check("adasim recipe: dino")
 
 
-def run_adasim(cfg: AdaSimConfig) -> dict[str, Any]:
-    """Self-distil on the train split (labels unused), then k-NN / linear-probe accuracy on the test split."""
-    cfg.check()
-    d, a = cfg.data, cfg.adasim
-    kw = {"num_classes": d.num_classes, "num_superclasses": d.num_classes, "image_size": d.image_size}
-    train = procedural_cifar("train", d.num_train, d.num_test, d.seed, **kw)
-    test = procedural_cifar("test", d.num_train, d.num_test, d.seed, **kw)
-    torch.manual_seed(cfg.seed)
-    backbone = TinyCNN(0, cfg.width)
-    s = cfg.dino
-    student = SelfDistillNet(backbone, DINOHead(backbone.feature_dim, s.out_dim, s.hidden, s.bottleneck))
-    bank = NeighbourBank(d.num_train, backbone.feature_dim, a.topk, a.window)
-    gen = seeded_generator(cfg.seed, 5)
-    stats = {"pairs": 0.0, "boot": 0.0, "boot_same": 0.0}
-    rate_per_epoch: list[float] = []
+# ------------------------------------------------------------------------------------- task
 
-    def partner(index: Tensor, epoch: int) -> Tensor:
+
+class AdaSimTask(SelfDistillTask):
+    """DINO whose view 2 comes from a voted neighbour (`adasim`), never (`dino`) or the last top-1 (`naive`)."""
+
+    name = "adasim"
+
+    def __init__(self, cfg: AdaSimConfig) -> None:
+        cfg.check()
+        super().__init__(cfg.data, cfg.width, cfg.dino, cfg.loop, cfg.seed, cfg.eval)
+        self.args = cfg.adasim
+        self.counts = {"pairs": 0, "boot": 0, "boot_same": 0, "boot_total": 0, "boot_same_total": 0}
+        self.rate_per_epoch: list[float] = []
+
+    def build(self, device: torch.device, env: DistEnv) -> nn.Module:
+        module = super().build(device, env)
+        a = self.args
+        self.bank = NeighbourBank(len(self.train), self.feature_dim, a.topk, a.window)
+        return module
+
+    def partners(self, index: Tensor, epoch: int, step: int) -> Tensor:
+        a, bank = self.args, self.bank
         if a.mode == "dino" or not bank.ready:
             out = index
         elif a.mode == "naive":
             nn_, sim = bank.history(index)
             nn_, sim = nn_[-1], sim[-1].masked_fill(nn_[-1] == index[:, None], float("-inf"))
-            out = torch.where(torch.isfinite(sim.max(1).values), nn_.gather(1, sim.argmax(1, keepdim=True))[:, 0],
-                              index)
+            top = nn_.gather(1, sim.argmax(1, keepdim=True))[:, 0]
+            out = torch.where(torch.isfinite(sim.max(1).values), top, index)
         else:
-            cand, scores = vote_scores(*bank.history(index), d.num_train, a.topk)
+            cand, scores = vote_scores(*bank.history(index), bank.n, a.topk)
+            gen = seeded_generator(self.seed, PARTNER_STREAM, epoch, step)
             out = adaptive_partners(index, cand, scores, a.window, a.sampling_temperature, gen)
         moved = out != index
-        stats["pairs"] += len(index)
-        stats["boot"] += float(moved.sum())
-        stats["boot_same"] += float((moved & (train.labels[out] == train.labels[index])).sum())
+        same = moved & (self.train.labels[out] == self.train.labels[index])
+        boot, boot_same = int(moved.sum()), int(same.sum())
+        c = self.counts
+        c["pairs"] += len(index)
+        c["boot"] += boot
+        c["boot_same"] += boot_same
+        c["boot_total"] += boot
+        c["boot_same_total"] += boot_same
         return out
 
-    def epoch_end(epoch: int) -> None:
-        bank.end_epoch()
-        rate_per_epoch.append(stats["boot"] / max(stats["pairs"], 1.0))
-        stats.update(pairs=0.0, boot=0.0)
+    def observe(self, index: Tensor, feats: Tensor) -> None:
+        self.bank.update(index.cpu(), feats.detach().float().cpu())
 
-    totals = {"boot": 0.0, "boot_same": 0.0}
+    def on_epoch_end(self, module: nn.Module, epoch: int) -> None:
+        super().on_epoch_end(module, epoch)
+        self.bank.end_epoch()
+        c = self.counts
+        self.rate_per_epoch.append(c["boot"] / max(c["pairs"], 1))
+        c.update(pairs=0, boot=0, boot_same=0)
 
-    def count_partner(index: Tensor, epoch: int) -> Tensor:
-        before_b, before_s = stats["boot"], stats["boot_same"]
-        out = partner(index, epoch)
-        totals["boot"] += stats["boot"] - before_b
-        totals["boot_same"] += stats["boot_same"] - before_s
+    def result(self, module: nn.Module, env: DistEnv, autocast: Any = None) -> dict[str, Any]:
+        c = self.counts
+        out = super().result(module, env, autocast)
+        out["bootstrap_rate_per_epoch"] = [round(r, 4) for r in self.rate_per_epoch]
+        out["neighbour_precision"] = c["boot_same_total"] / c["boot_total"] if c["boot_total"] else None
         return out
 
-    teacher, history = train_self_distillation(
-        student, train.images, train.mean, train.std, s, cfg.loop, cfg.seed, count_partner, bank.update, epoch_end
-    )
-    prep = lambda v: prepare_images(v, train.mean, train.std)  # noqa: E731
-    f_tr = predict(_Feat(teacher), train.images, 500, prep)
-    f_te = predict(_Feat(teacher), test.images, 500, prep)
-    e = cfg.eval
-    return {
-        "knn_top1": knn_accuracy(f_tr, train.labels, f_te, test.labels, e.knn_k, e.knn_temperature, d.num_classes),
-        "linear_top1": linear_probe_accuracy(f_tr, train.labels, f_te, test.labels, e.probe_steps, seed=cfg.seed),
-        "bootstrap_rate_per_epoch": [round(r, 4) for r in rate_per_epoch],
-        "neighbour_precision": totals["boot_same"] / totals["boot"] if totals["boot"] else None,
-        "feature_std": float(torch.nn.functional.normalize(f_te, dim=1).std(0).mean()),
-        "final_teacher_entropy": history[-1]["teacher_entropy"] if history else None,
-        "final_loss": history[-1]["loss"] if history else None,
-    }
+    def describe(self) -> dict[str, Any]:
+        a = self.args
+        return {**super().describe(), "mode": a.mode, "topk": a.topk, "window": a.window}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "bank": self.bank.state_dict(), "counts": dict(self.counts),
+                "rate_per_epoch": list(self.rate_per_epoch)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.bank.load_state_dict(state["bank"])
+        self.counts = {k: int(v) for k, v in state["counts"].items()}
+        self.rate_per_epoch = [float(r) for r in state["rate_per_epoch"]]
 
 
-class _Feat(torch.nn.Module):
-    """Frozen backbone feature of a self-distillation net (what k-NN and the probe read)."""
+# ------------------------------------------------------------------------------------- runners
 
-    def __init__(self, model: SelfDistillNet) -> None:
-        super().__init__()
-        self.model = model
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model.backbone.features(x)
+def run_adasim(cfg: AdaSimConfig, run_dir: str | Path, trainer: TrainerConfig | None = None,
+               config_text: str | None = None) -> dict[str, Any]:
+    """Self-distil on the train split (labels unused) into `run_dir` (one Trainer stage, resumable),
+    then k-NN / linear-probe accuracy on the test split; `{"stopped_at_step": s}` when stopped early."""
+    task = AdaSimTask(cfg)
+    text = config_text if config_text is not None else yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    stage = run_stage(run_dir, None, loop_settings(cfg.loop, cfg.seed, trainer), task, config_text=text)
+    if stage.stopped:
+        return {"stopped_at_step": stage.result["stopped_at_step"]}
+    return stage.result
 
 
 class AdaSim:
-    """Registry entry: AdaSim runs in the self-distillation loop (`kdforge.tasks.selfsup`)."""
+    """Registry entry: AdaSim trains a `SelfDistillTask` (`kdforge.tasks.selfsup`) through the Trainer."""
 
     @classmethod
     def build_module(cls, **_: Any) -> Any:
         raise KdforgeError(
-            "adasim runs in the self-supervised self-distillation loop, not the classification Trainer: "
-            "python -m kdforge.tasks.common configs/methods/adasim.yaml"
+            "adasim is a self-supervised task recipe, not a classification run config: "
+            "kdforge train configs/methods/adasim.yaml --out runs/adasim"
         )
 
     @classmethod
-    def run_config(cls, tree: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
-        """Run a `configs/methods/adasim.yaml` recipe (see the module docstring)."""
-        return run_adasim(load_task_config(AdaSimConfig, tree, name=source))
+    def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
+        """Run a `configs/methods/adasim.yaml` recipe into `run_dir` (see the module docstring)."""
+        text = yaml.safe_dump(tree, sort_keys=False)
+        tree, trainer = split_trainer(tree, source)
+        cfg = load_task_config(AdaSimConfig, tree, name=source)
+        return run_adasim(cfg, run_dir, trainer, config_text=text)
 
 
 METHODS.register(

@@ -18,8 +18,12 @@ batch, as in the official code; the known head is shared, so the KD term differs
 only through w. `weighting: fixed` sets w = 1 (the ablation without the learnable weight);
 `detached` stops the gradient through w (an extra diagnostic, not in the paper).
 
-This lives in the NCD task (`kdforge.tasks.ncd`), not the classification Trainer. Recipe schema
-(`configs/methods/crkd.yaml`, run with `python -m kdforge.tasks.common configs/methods/crkd.yaml`):
+CrKD runs as two stages of the one Trainer (`kdforge.tasks.ncd`): `pretrain` (supervised CE on
+the known classes, in `<run>/stages/pretrain/`; its weights are the frozen teacher snapshot and
+the discovery start) and the final discovery stage (UNO + alpha * relation KD, novel heads
+re-initialised from `seed`; the recipe's run directory itself). Recipe schema
+(`configs/methods/crkd.yaml`; `kdforge train configs/methods/crkd.yaml --out runs/crkd`,
+resume with `kdforge train --resume runs/crkd`):
 
     method: crkd
     seed: int                       # discovery seed
@@ -30,36 +34,45 @@ This lives in the NCD task (`kdforge.tasks.ncd`), not the classification Trainer
     discover: {epochs, batch_size, optim, schedule, grad_clip, progress}
     crkd: {alpha, kd_temperature, weighting}                     # alpha 0 = the UNO baseline
     pretrain_seed: int              # seed of the supervised stage (shared by all discovery seeds)
+    trainer: {...}                  # optional, any TrainerConfig field, applies to both stages
 
+DDP (`torchrun --nproc_per_node=N -m kdforge.cli train ...`) runs with per-rank batch statistics
+(BatchNorm, Sinkhorn, the weight normalisation mean), as multi-GPU NCD code usually does.
 Unknown keys fail with one line naming the key.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+import yaml
+from torch import Tensor, nn
 
-from kdforge.config import OptimConfig, ScheduleConfig
+from kdforge.config import OptimConfig, ScheduleConfig, TrainerConfig, load_yaml
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.registry import METHODS
+from kdforge.tasks.base import Autocast
 from kdforge.tasks.common import LoopConfig, load_task_config, predict, prepare_images
 from kdforge.tasks.ncd import (
     DiscoveryNet,
+    DiscoveryTask,
+    ExtraLoss,
     NCDData,
     NCDSpec,
+    PretrainTask,
     discovery_net,
-    evaluate_ncd,
-    pretrain_known,
     procedural_ncd,
-    train_discovery,
 )
+from kdforge.train.distributed import DistEnv
+from kdforge.train.stages import loop_settings, run_stage, split_trainer, stage_dir
 
-__all__ = ["CrKD", "CrKDConfig", "build_ncd", "relation_drift", "relation_kd_loss", "run_crkd"]
+__all__ = ["CrKD", "CrKDConfig", "CrKDTask", "ncd_setting", "relation_drift", "relation_kd_loss", "run_crkd"]
 
 WEIGHTINGS = ("learnable", "fixed", "detached")
 
@@ -120,9 +133,10 @@ def relation_drift(
     x = data.images[data.novel]
     if len(x) == 0:
         return float("nan")
+    device = next(student.parameters()).device
 
     def prep(v: Tensor) -> Tensor:
-        return prepare_images(v, data.mean, data.std)
+        return prepare_images(v.to(device), data.mean, data.std)
 
     def known(o: dict[str, Tensor]) -> Tensor:
         return o["logits_lab"]
@@ -134,7 +148,7 @@ def relation_drift(
 
 
 class CrKD:
-    """The relation-KD term for `train_discovery(extra_loss=...)`, with a frozen teacher snapshot."""
+    """The relation-KD term (an `ExtraLoss` of the discovery module), reading a frozen teacher snapshot."""
 
     def __init__(
         self,
@@ -160,7 +174,7 @@ class CrKD:
 
     def __call__(
         self, views: list[Tensor], outputs: dict[str, Tensor], labelled: Tensor
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         unl = ~labelled
         self.teacher.eval()
         with torch.no_grad():
@@ -176,22 +190,52 @@ class CrKD:
         loss, w = relation_kd_loss(
             t_known, s_known, s_all, self.kd_temperature, self.logit_temperature, self.weighting
         )
+        w = w.detach().float()
         return self.alpha * loss, {
-            "rkd": float(loss.detach()),
-            "rkd_w_std": float(w.detach().float().std()) if w.numel() > 1 else 0.0,
+            "rkd_unweighted": loss.detach(),
+            "rkd_w_std": w.std() if w.numel() > 1 else w.new_zeros(()),
         }
 
     @classmethod
     def build_module(cls, **_: Any) -> Any:
         raise KdforgeError(
-            "crkd runs in the novel-class-discovery loop, not the classification Trainer: "
-            "python -m kdforge.tasks.common configs/methods/crkd.yaml"
+            "crkd is a task recipe (novel class discovery), not a classification run config: "
+            "kdforge train configs/methods/crkd.yaml --out runs/crkd"
         )
 
     @classmethod
-    def run_config(cls, tree: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
-        """Run a `configs/methods/crkd.yaml` recipe (see the module docstring) and return its metrics."""
-        return run_crkd(load_task_config(CrKDConfig, tree, name=source))
+    def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
+        """Run a `configs/methods/crkd.yaml` recipe (see the module docstring) into `run_dir`."""
+        text = yaml.safe_dump(tree, sort_keys=False)
+        tree, trainer = split_trainer(tree, source)
+        cfg = load_task_config(CrKDConfig, tree, name=source)
+        return run_crkd(cfg, run_dir, trainer=trainer, config_text=text)
+
+
+class CrKDTask(DiscoveryTask):
+    """UNO discovery plus the relation-KD term (alpha 0: plain UNO), and the card's relation-drift diagnostic."""
+
+    name = "ncd_discovery_crkd"
+
+    def __init__(self, *args: Any, crkd: CrKDArgs, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.args = crkd
+
+    def make_term(self, teacher: DiscoveryNet) -> ExtraLoss | None:
+        a = self.args
+        if a.alpha <= 0:
+            return None
+        return CrKD(teacher, a.alpha, a.kd_temperature, self.spec.temperature, a.weighting)
+
+    def result(self, module: nn.Module, env: DistEnv, autocast: Autocast | None = None) -> dict[str, Any]:
+        res = super().result(module, env, autocast)
+        res["relation_kl_test"] = relation_drift(module.teachers["teacher"], module.student, self.test,
+                                                 self.args.kd_temperature, self.spec.temperature)
+        return res
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "method": "crkd", "alpha": self.args.alpha,
+                "weighting": self.args.weighting}
 
 
 # ------------------------------------------------------------------------------------- recipe
@@ -254,58 +298,84 @@ class CrKDConfig:
         if self.crkd.weighting not in WEIGHTINGS:
             raise ConfigError(f"crkd recipe: crkd.weighting must be one of {', '.join(WEIGHTINGS)}")
         self.ncd.check("crkd recipe: ncd")
+        self.pretrain.check("crkd recipe: pretrain")
+        self.discover.check("crkd recipe: discover")
 
 
-def build_ncd(cfg: CrKDConfig) -> tuple[NCDData, NCDData, DiscoveryNet]:
-    """Train/test splits and a fresh discovery network for the recipe."""
-    d = cfg.data
+def ncd_setting(cfg: CrKDConfig) -> tuple[NCDData, NCDData, Callable[[], DiscoveryNet]]:
+    """Train/test splits and a factory of fresh discovery networks for the recipe."""
+    d, m = cfg.data, cfg.model
     train = procedural_ncd("train", d.pairs, d.num_train, d.num_test, d.image_size, d.seed)
     test = procedural_ncd("test", d.pairs, d.num_train, d.num_test, d.image_size, d.seed)
-    m = cfg.model
-    model = discovery_net(
-        m.backbone,
-        train.num_known,
-        train.num_novel,
-        train.images.shape[1],
-        m.num_heads,
-        m.hidden_dim,
-        m.proj_dim,
-        m.backbone_args,
-    )
-    return train, test, model
+
+    def make_net() -> DiscoveryNet:
+        return discovery_net(m.backbone, train.num_known, train.num_novel, train.images.shape[1],
+                             m.num_heads, m.hidden_dim, m.proj_dim, m.backbone_args)
+
+    return train, test, make_net
 
 
-def run_crkd(cfg: CrKDConfig, pretrained: dict[str, Tensor] | None = None) -> dict[str, Any]:
-    """Supervised stage (or `pretrained` weights), then discovery with relation KD (alpha 0: UNO)."""
+PRETRAIN_FIELDS = ("pretrain_seed", "data", "model", "ncd", "pretrain")
+
+
+def _pretrain_identity(cfg: CrKDConfig) -> dict[str, Any]:
+    tree = asdict(cfg)
+    return {k: tree[k] for k in PRETRAIN_FIELDS}
+
+
+def _check_shared_pretrain(cfg: CrKDConfig, stage: Path) -> None:
+    """A pretrain stage reused from another run must have been trained with this recipe's settings."""
+    saved = stage / "config.yaml"
+    if not saved.is_file():
+        return      # not trained yet: this run trains it there
+    tree, _ = split_trainer(load_yaml(saved), str(saved))
+    other = load_task_config(CrKDConfig, tree, name=str(saved))
+    diff = [k for k in PRETRAIN_FIELDS if _pretrain_identity(other)[k] != _pretrain_identity(cfg)[k]]
+    if diff:
+        raise KdforgeError(f"crkd: the pretrain stage {stage} was trained with other {', '.join(diff)} settings; "
+                           "share it only between runs whose pretraining is identical")
+
+
+def _config_text(cfg: CrKDConfig, trainer: TrainerConfig | None) -> str:
+    tree = asdict(cfg)
+    if trainer is not None:
+        tree["trainer"] = asdict(trainer)
+    return yaml.safe_dump(tree, sort_keys=False)
+
+
+def run_crkd(
+    cfg: CrKDConfig,
+    run_dir: str | Path,
+    trainer: TrainerConfig | None = None,
+    pretrain_from: str | Path | None = None,
+    config_text: str | None = None,
+) -> dict[str, Any]:
+    """Supervised stage, then discovery with relation KD (alpha 0: UNO), into the run directory `run_dir`.
+
+    `pretrain_from` names another CrKD run directory whose `stages/pretrain` is shared (loaded when
+    finished, else trained there), so several arms and seeds start from one teacher. An
+    interrupted run resumes when called again with the same arguments. Returns the final
+    stage's result (or `{"stopped_at_step": n}` when `trainer.stop_after_steps` stopped a stage).
+    """
     cfg.check()
-    torch.manual_seed(cfg.pretrain_seed)
-    train, test, model = build_ncd(cfg)
-    if pretrained is None:
-        pretrain_known(model, train, cfg.pretrain, cfg.ncd, cfg.pretrain_seed)
-    else:
-        model.load_state_dict(pretrained)
-    teacher = copy.deepcopy(model).eval()
-    torch.manual_seed(cfg.seed)
-    for head in model.head_unlab.modules():  # novel heads start fresh for every discovery seed
-        if hasattr(head, "reset_parameters"):
-            head.reset_parameters()
-    model.head_unlab.normalize_prototypes()
-    a = cfg.crkd
-    extra = (
-        CrKD(teacher, a.alpha, a.kd_temperature, cfg.ncd.temperature, a.weighting) if a.alpha > 0 else None
-    )
-    history, best = train_discovery(model, train, cfg.discover, cfg.ncd, cfg.seed, extra)
-    result: dict[str, Any] = {"best_head": best, "final_loss": history[-1]["loss"] if history else None}
-    result.update(
-        {
-            f"train_{k}": v
-            for k, v in evaluate_ncd(model, train.subset(train.novel.nonzero().flatten()), best).items()
-            if k.startswith("novel")
-        }
-    )
-    result.update({f"test_{k}": v for k, v in evaluate_ncd(model, test, best).items()})
-    result["relation_kl_test"] = relation_drift(teacher, model, test, a.kd_temperature, cfg.ncd.temperature)
-    return result
+    run_dir = Path(run_dir)
+    text = config_text or _config_text(cfg, trainer)
+    train, test, make_net = ncd_setting(cfg)
+    pre_root = run_dir if pretrain_from is None else Path(pretrain_from)
+    if pretrain_from is not None:
+        _check_shared_pretrain(cfg, stage_dir(pre_root, "pretrain"))
+    pre = run_stage(pre_root, "pretrain", loop_settings(cfg.pretrain, cfg.pretrain_seed, trainer),
+                    PretrainTask(train, test, make_net, cfg.ncd, cfg.pretrain_seed, cfg.pretrain.batch_size),
+                    config_text=text)
+    if pre.stopped:
+        return {"stopped_at_step": pre.result["stopped_at_step"]}
+    weights = {k: v.detach().clone() for k, v in pre.module.student.state_dict().items()}
+    task = CrKDTask(train, test, make_net, cfg.ncd, cfg.seed, cfg.discover.batch_size, pretrained=weights,
+                    crkd=cfg.crkd)
+    final = run_stage(run_dir, None, loop_settings(cfg.discover, cfg.seed, trainer), task, config_text=text)
+    if final.stopped:
+        return {"stopped_at_step": final.result["stopped_at_step"]}
+    return final.result
 
 
 METHODS.register(

@@ -17,10 +17,19 @@ move to the labelled set with label yhat (alpha_r = alpha0 (1 - r/split)^2, alph
 the exemplar bank grows and the scores are recomputed, for split + 1 rounds (official
 `distillation_main.py`, `SSL/train/train.py`). Evaluation: accuracy on known-class test images.
 
-Documented deviation: teacher features come from the deterministic (un-augmented) view; the
-official code scores one random SimCLR-augmented view per image.
+Stages (each an ordinary run of the one Trainer): `teacher` (`ContrastiveTask`, in
+`<run>/stages/teacher/`), then the classifier (`WADTask`, in the run directory itself): one
+Trainer epoch per round, `iterations` steps each, a fresh optimizer per round, the index sets,
+pseudo-labels and weights as task state. Mode `supervised` has no teacher stage and trains
+iterations * (split + 1) steps in one epoch. Both stages run exactly under torchrun (the
+teacher's NT-Xent over all-gathered projections, the classifier's per-sample means over each
+rank's share of both streams).
 
-Recipe schema (`configs/methods/wad.yaml`; `python -m kdforge.tasks.common configs/methods/wad.yaml`):
+Documented deviations: teacher features come from the deterministic (un-augmented) view (the
+official code scores one random SimCLR-augmented view per image); the learning-rate schedule
+spans all rounds (the recipe's is constant, as the official Adam's).
+
+Recipe schema (`configs/methods/wad.yaml`; `kdforge train configs/methods/wad.yaml --out runs/wad`):
 
     method: wad
     seed: int
@@ -29,47 +38,53 @@ Recipe schema (`configs/methods/wad.yaml`; `python -m kdforge.tasks.common confi
            (gaussian_blobs + mismatch_split)
     teacher: {hidden, proj_dim, temperature, loop: LoopConfig, augment: {noise, drop, scale}}
     student: {hidden}
-    train: LoopConfig (batch_size per stream, optim, schedule); iterations: steps per round
+    train: LoopConfig (batch_size per stream, optim, schedule; its epochs are not read); iterations:
+           steps per round
     wad: {mode: wad | pseudo | supervised, split, alpha, power}
          mode pseudo = the teacher's pseudo-labels with w = 1; supervised = labelled CE only;
          split 0 = one round (no selection). Every mode trains iterations * (split + 1) steps in all
          (the supervised mode in one go), so a single-round arm with the same budget sets
          iterations to the multi-round arm's iterations * (split + 1).
+    trainer: optional TrainerConfig options for every stage (device, progress, stop_after_steps ...)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import Tensor, nn
 
-from kdforge.config import OptimConfig, ScheduleConfig
+from kdforge.config import OptimConfig, ScheduleConfig, TrainerConfig
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.models import create_model
 from kdforge.registry import METHODS
-from kdforge.tasks.common import LoopConfig, load_task_config, predict
+from kdforge.tasks.common import LoopConfig, load_task_config
 from kdforge.tasks.ssl import (
     ContrastiveEncoder,
+    ContrastiveTask,
+    RoundsTask,
     SSLData,
     embed,
     gaussian_blobs,
-    known_accuracy,
     mismatch_split,
-    train_contrastive,
-    train_weighted,
     vector_augment,
 )
+from kdforge.train.stages import StageRun, loop_settings, run_stage, split_trainer
 
 __all__ = [
     "WAD",
     "WADConfig",
+    "WADTask",
     "build_ssl",
     "polynomial_decay",
     "run_wad",
     "select_confident",
+    "teacher_stage",
     "train_teacher",
     "wad_knowledge",
     "wad_scores",
@@ -217,150 +232,140 @@ class WADConfig:
             raise ConfigError("wad recipe: need wad.split >= 0, 0 <= wad.alpha < 1 and iterations >= 1")
         if self.data.num_known < 2:
             raise ConfigError("wad recipe: data.num_known must be >= 2 (the weight is a top-2 margin)")
-
-
-def build_ssl(cfg: WADConfig) -> SSLData:
-    """The blob pool split into labelled / mismatched unlabelled / known-class test (fixed by data.seed)."""
-    d = cfg.data
-    x, y, xt, yt = gaussian_blobs(
-        d.num_known + d.num_unknown,
-        d.dim,
-        d.per_class,
-        d.per_class_test,
-        d.separation,
-        d.rank,
-        d.spread,
-        d.noise,
-        d.seed,
-    )
-    return mismatch_split(
-        x,
-        y,
-        xt,
-        yt,
-        list(range(d.num_known)),
-        d.labelled_per_class,
-        d.mismatch,
-        d.seed,
-        d.unlabelled_per_class,
-    )
+        self.train.check("wad recipe: train")
+        self.teacher.loop.check("wad recipe: teacher.loop")
 
 
 def _mlp(in_features: int, out: int, hidden: list[int]) -> nn.Module:
     return create_model("mlp", num_classes=out, in_features=in_features, hidden=tuple(hidden))
 
 
-def train_teacher(cfg: WADConfig, data: SSLData, seed: int | None = None) -> nn.Module:
-    """SimCLR-style encoder on the labelled + unlabelled pool (no labels), frozen (seed: cfg.seed)."""
-    seed = cfg.seed if seed is None else seed
-    t = cfg.teacher
-    torch.manual_seed(seed)  # the initialisation too: the teacher is a pure function of (cfg, data, seed)
-    backbone = _mlp(data.x.shape[1], 1, t.hidden)
+def _encoder(in_features: int, t: TeacherConfig) -> nn.Module:
+    backbone = _mlp(in_features, 1, t.hidden)
     backbone.fc = nn.Identity()
-    encoder = ContrastiveEncoder(backbone, t.hidden[-1], t.proj_dim)
-    pool = data.x[torch.cat([data.labelled, data.unlabelled])]
-    train_contrastive(
-        encoder,
-        pool,
-        t.loop,
-        vector_augment,
-        t.temperature,
-        seed,
-        noise=t.augment.noise,
-        drop=t.augment.drop,
-        scale=t.augment.scale,
+    return ContrastiveEncoder(backbone, t.hidden[-1], t.proj_dim)
+
+
+class WADTask(RoundsTask):
+    """The WAD classifier: pseudo-labels and margin weights from the frozen teacher, confident samples move."""
+
+    name = "wad"
+
+    def __init__(self, cfg: WADConfig, data: SSLData, teacher: nn.Module | None = None) -> None:
+        w = cfg.wad
+        supervised = w.mode == "supervised"
+        if not supervised and teacher is None:
+            raise KdforgeError(f"wad: mode {w.mode} needs the contrastive teacher")
+        rounds = w.split + 1
+        super().__init__(data, cfg.student.hidden, cfg.train.batch_size,
+                         cfg.iterations * rounds if supervised else cfg.iterations,
+                         rounds=1 if supervised else rounds, seed=cfg.seed, unlabelled=not supervised)
+        self.args = w
+        self.teacher = teacher
+
+    def build(self, device: torch.device, env: Any) -> nn.Module:
+        if self.teacher is not None:      # the frozen teacher's embeddings of the whole pool (CPU)
+            self.teacher.eval().requires_grad_(False)
+            self.emb = embed(self.teacher, self.data.x.float().to(next(self.teacher.parameters()).device)).cpu()
+        return super().build(device, env)
+
+    def knowledge(self, labelled: Tensor, labels: Tensor, unlabelled: Tensor) -> tuple[Tensor, Tensor]:
+        pseudo, weight = wad_knowledge(wad_scores(self.emb[unlabelled], self.emb[labelled], labels,
+                                                  self.data.num_known))
+        return pseudo, (torch.ones_like(weight) if self.args.mode == "pseudo" else weight)
+
+    def select(self, round_: int, logits: Tensor, pseudo: Tensor) -> Tensor:
+        w = self.args
+        alpha = polynomial_decay(round_, w.alpha, 0.0, max(1, w.split), w.power) if w.split > 0 else 0.0
+        return select_confident(logits.cpu(), pseudo, alpha)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "mode": self.args.mode, "split": self.args.split}
+
+
+def build_ssl(cfg: WADConfig) -> SSLData:
+    """The blob pool split into labelled / mismatched unlabelled / known-class test (fixed by data.seed)."""
+    d = cfg.data
+    x, y, xt, yt = gaussian_blobs(
+        d.num_known + d.num_unknown, d.dim, d.per_class, d.per_class_test, d.separation, d.rank, d.spread,
+        d.noise, d.seed,
     )
-    return encoder.eval().requires_grad_(False)
+    return mismatch_split(
+        x, y, xt, yt, list(range(d.num_known)), d.labelled_per_class, d.mismatch, d.seed, d.unlabelled_per_class
+    )
 
 
-def run_wad(cfg: WADConfig, data: SSLData | None = None, teacher: nn.Module | None = None) -> dict[str, Any]:
-    """One run of `cfg.wad.mode` (wad / pseudo / supervised): test accuracy and per-round diagnostics."""
+def _config_text(cfg: WADConfig) -> str:
+    from dataclasses import asdict
+
+    return yaml.safe_dump(asdict(cfg), sort_keys=False)
+
+
+def teacher_stage(cfg: WADConfig, data: SSLData, root: str | Path, trainer: TrainerConfig | None = None,
+                  config_text: str | None = None, quiet: bool = False) -> StageRun:
+    """The `teacher` stage of `root`: SimCLR-style encoder on the labelled + unlabelled pool (no labels).
+
+    A finished stage is loaded, an interrupted one resumed; the teacher is a pure function of
+    (cfg.teacher, data, cfg.seed), so arms of one seed may share it.
+    """
+    t = cfg.teacher
+    pool = data.x[torch.cat([data.labelled, data.unlabelled])]
+    task = ContrastiveTask(pool, lambda: _encoder(data.x[0].numel(), t), t.loop.batch_size, t.temperature,
+                           cfg.seed, vector_augment, noise=t.augment.noise, drop=t.augment.drop,
+                           scale=t.augment.scale)
+    return run_stage(root, "teacher", loop_settings(t.loop, cfg.seed, trainer), task,
+                     config_text or _config_text(cfg), quiet=quiet)
+
+
+def train_teacher(cfg: WADConfig, data: SSLData, root: str | Path, seed: int | None = None,
+                  quiet: bool = False) -> nn.Module:
+    """The frozen teacher encoder of `teacher_stage` (seed: cfg.seed), for sharing across arms."""
+    cfg = cfg if seed is None else replace(cfg, seed=seed)
+    stage = teacher_stage(cfg, data, root, quiet=quiet)
+    if stage.stopped:
+        raise KdforgeError(f"wad: the teacher stage in {stage.run_dir} stopped early; resume it first")
+    return stage.module.encoder.eval().requires_grad_(False)
+
+
+def run_wad(cfg: WADConfig, run_dir: str | Path, data: SSLData | None = None, teacher: nn.Module | None = None,
+            trainer: TrainerConfig | None = None, config_text: str | None = None,
+            quiet: bool = False) -> dict[str, Any]:
+    """One run of `cfg.wad.mode` into `run_dir`: test accuracy `acc` and per-round diagnostics `rounds`.
+
+    `teacher` (a frozen encoder from `train_teacher`) skips the teacher stage; otherwise it is
+    trained (or loaded, or resumed) in `run_dir/stages/teacher`. A stopped stage returns
+    {"stopped_at_step": n}.
+    """
     cfg.check()
     data = data if data is not None else build_ssl(cfg)
-    w = cfg.wad
-    k = data.num_known
-    rounds = w.split + 1
-    torch.manual_seed(cfg.seed)
-    student = _mlp(data.x.shape[1], k, cfg.student.hidden)
-    if w.mode == "supervised":
-        train_weighted(
-            student,
-            data.x,
-            data.labelled,
-            data.labels[data.labelled],
-            cfg.train,
-            cfg.iterations * rounds,
-            seed=cfg.seed,
-            desc="wad supervised",
-        )
-        return {"acc": known_accuracy(student, data.x_test, data.y_test), "rounds": []}
-    teacher = teacher if teacher is not None else train_teacher(cfg, data)
-    emb = embed(teacher, data.x)
-    lab_idx, lab_y = data.labelled.clone(), data.labels[data.labelled].clone()
-    unl_idx = data.unlabelled.clone()
-    unknown = data.labels < 0
-    diagnostics = []
-    for r in range(1, rounds + 1):
-        pseudo, weight = wad_knowledge(wad_scores(emb[unl_idx], emb[lab_idx], lab_y, k))
-        if w.mode == "pseudo":
-            weight = torch.ones_like(weight)
-        unk = unknown[unl_idx]
-        known_true = data.labels[unl_idx]
-        info = {
-            "round": r,
-            "labelled": len(lab_idx),
-            "unlabelled": len(unl_idx),
-            "pseudo_acc_known": 100 * float((pseudo[~unk] == known_true[~unk]).float().mean()),
-            "mean_w_known": float(weight[~unk].mean()),
-            "mean_w_unknown": float(weight[unk].mean()) if bool(unk.any()) else None,
-        }
-        train_weighted(
-            student,
-            data.x,
-            lab_idx,
-            lab_y,
-            cfg.train,
-            cfg.iterations,
-            unl_idx,
-            pseudo,
-            weight,
-            seed=cfg.seed * 1000 + r,
-            desc=f"wad round {r}",
-        )
-        info["acc"] = known_accuracy(student, data.x_test, data.y_test)
-        alpha = polynomial_decay(r, w.alpha, 0.0, max(1, w.split), w.power) if w.split > 0 else 0.0
-        picked = select_confident(predict(student, data.x[unl_idx]), pseudo, alpha)
-        if len(picked):
-            moved = unl_idx[picked]
-            info.update(
-                {
-                    "moved": len(picked),
-                    "moved_unknown": int(unknown[moved].sum()),
-                    "moved_correct": int((pseudo[picked] == data.labels[moved]).sum()),
-                }
-            )
-            lab_idx, lab_y = torch.cat([lab_idx, moved]), torch.cat([lab_y, pseudo[picked]])
-            keep = torch.ones(len(unl_idx), dtype=torch.bool)
-            keep[picked] = False
-            unl_idx = unl_idx[keep]
-        diagnostics.append(info)
-    return {"acc": known_accuracy(student, data.x_test, data.y_test), "rounds": diagnostics}
+    text = config_text or _config_text(cfg)
+    if cfg.wad.mode != "supervised" and teacher is None:
+        stage = teacher_stage(cfg, data, run_dir, trainer, text, quiet)
+        if stage.stopped:
+            return {"stopped_at_step": stage.result["stopped_at_step"]}
+        teacher = stage.module.encoder
+    rounds = 1 if cfg.wad.mode == "supervised" else cfg.wad.split + 1
+    settings = loop_settings(replace(cfg.train, epochs=rounds), cfg.seed, trainer)
+    final = run_stage(run_dir, None, settings, WADTask(cfg, data, teacher), text, quiet=quiet)
+    return final.result
 
 
 class WAD:
-    """Registered entry for `wad`: the recipe runner (the method itself is `run_wad`)."""
+    """Registered entry for `wad`: a task recipe (`kdforge train configs/methods/wad.yaml`)."""
 
     @classmethod
     def build_module(cls, **_: Any) -> Any:
         raise KdforgeError(
-            "wad runs in the semi-supervised task loop, not the classification Trainer: "
-            "python -m kdforge.tasks.common configs/methods/wad.yaml"
+            "wad is a task recipe, not a classification run config: "
+            "kdforge train configs/methods/wad.yaml --out runs/wad"
         )
 
     @classmethod
-    def run_config(cls, tree: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
-        """Run a `configs/methods/wad.yaml` recipe (see the module docstring)."""
-        return run_wad(load_task_config(WADConfig, tree, name=source))
+    def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
+        """Run a `configs/methods/wad.yaml` recipe into `run_dir` (see the module docstring)."""
+        rest, trainer = split_trainer(tree, source)
+        cfg = load_task_config(WADConfig, rest, name=source)
+        return run_wad(cfg, run_dir, trainer=trainer, config_text=yaml.safe_dump(tree, sort_keys=False))
 
 
 METHODS.register(

@@ -14,7 +14,7 @@ is meaningful, as for "palm tree -> maple, forest" in the paper.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -48,6 +48,11 @@ class NCDData:
     def novel(self) -> Tensor:
         """Bool mask of the novel-class samples."""
         return self.labels >= self.num_known
+
+    def to(self, device: torch.device | str) -> NCDData:
+        """The same split with its tensors on `device` (a task keeps its data where it trains)."""
+        return replace(self, images=self.images.to(device), labels=self.labels.to(device),
+                       labelled=self.labelled.to(device))
 
     def subset(self, indices: Tensor) -> NCDData:
         return NCDData(

@@ -6,7 +6,7 @@
 * each novel head: an MLP projector (Linear-BN-ReLU-Linear) whose L2-normalised output meets
   C_u prototypes (cosine logits). Several heads give several clusterings of the same data.
 
-`normalize_prototypes()` re-normalises every prototype to unit length; the loops call it
+`normalize_prototypes()` re-normalises every prototype to unit length; the training modules call it
 before each forward pass, as UNO does. The output is a dict (the task's native output):
 `logits_lab` (N, C_l), `logits_unlab` (H, N, C_u) and `feats` (N, F).
 """

@@ -1,8 +1,9 @@
 """DINO-style self-distillation: student + EMA teacher, multi-crop, centring and sharpening.
 
-The loop (`train_self_distillation`) is the baseline for AdaSim; AdaSim only plugs in a
-`partner` function (which dataset item view 2 comes from) and a `bank_hook` (teacher features
-of view 1, for the neighbour bank). With `partner=None` view 2 is another crop of x_i: plain DINO.
+`DINOModule` is the training module the Trainer drives (`kdforge.tasks.selfsup.task`): the
+student is trained; the EMA teacher is part of the module (no gradient, so never in the
+optimizer) and saved in its checkpoints, as is the centre, so a resumed run is exact. AdaSim
+changes only which dataset item view 2 comes from (the task's `partners`).
 
     t_k = softmax((g_T(v_k) - c) / τ_t)        s_v = log_softmax(g_S(v) / τ_s)
     L   = mean over pairs (k global, v any view, v != k) of  -Σ t_k · s_v
@@ -13,18 +14,20 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdforge.distill.distiller import Step
 from kdforge.errors import KdforgeError
-from kdforge.tasks.common import LoopConfig, fit, seeded_generator
-from kdforge.tasks.selfsup.views import random_view
+from kdforge.tasks.base import TaskModule
+from kdforge.tasks.selfsup.dist import gather_rows
+from kdforge.train.distributed import DistEnv
 
-__all__ = ["DINOHead", "DINOSpec", "SelfDistillNet", "dino_loss", "ema_update", "train_self_distillation"]
+__all__ = ["DINOHead", "DINOModule", "DINOSpec", "SelfDistillNet", "ViewBatch", "cosine_momentum", "dino_loss",
+           "ema_update"]
 
 
 class DINOHead(nn.Module):
@@ -111,67 +114,58 @@ class DINOSpec:
             raise KdforgeError(f"{where}: teacher_momentum must be in [0, 1] and num_local >= 0")
 
 
-PartnerFn = Callable[[Tensor, int], Tensor]
-BankHook = Callable[[Tensor, Tensor], None]
 
 
-def train_self_distillation(
-    student: SelfDistillNet,
-    images: Tensor,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    spec: DINOSpec,
-    loop: LoopConfig,
-    seed: int,
-    partner: PartnerFn | None = None,
-    bank_hook: BankHook | None = None,
-    on_epoch_end: Callable[[int], None] | None = None,
-) -> tuple[SelfDistillNet, list[dict[str, float]]]:
-    """Self-distil `student` on unlabelled uint8 `images`; returns (EMA teacher, per-epoch logs)."""
-    spec.check("dino")
-    teacher = copy.deepcopy(student).requires_grad_(False)
-    n = len(images)
-    steps = max(n // loop.batch_size, 1)
-    gen = seeded_generator(seed, 3)
-    center = torch.zeros(spec.out_dim)
-    gscale = tuple(spec.global_scale or (0.4, 1.0))
-    lscale = tuple(spec.local_scale or (0.1, 0.4))
-    size = images.shape[-1]
-    state: dict[str, object] = {"batches": [], "step": 0}
-    total = loop.epochs * steps
+@dataclass
+class ViewBatch:
+    """One rank's share of a batch: views of x_i (g1, locals) and of its partner x_j (g2)."""
 
-    def step(epoch: int, i: int) -> tuple[Tensor, dict[str, float]]:
-        nonlocal center
-        if i == 0:
-            if epoch > 0 and on_epoch_end is not None:
-                on_epoch_end(epoch - 1)
-            order = torch.randperm(n, generator=gen)[: steps * loop.batch_size]
-            state["batches"] = list(order.split(loop.batch_size))
-        idx = state["batches"][i]  # type: ignore[index]
-        idx2 = partner(idx, epoch) if partner is not None else idx
-        g1 = random_view(images[idx], size, gscale, gen, mean, std)
-        g2 = random_view(images[idx2], size, gscale, gen, mean, std)
-        locs = [random_view(images[idx], spec.local_size, lscale, gen, mean, std) for _ in range(spec.num_local)]
-        teacher.train()
+    index: Tensor                      # dataset ids of x_i (view 1, local crops)
+    partner: Tensor                    # dataset ids of x_j (view 2); == index for plain DINO
+    g1: Tensor
+    g2: Tensor
+    locals: list[Tensor] = field(default_factory=list)
+    epoch: int = 0
+    step: int = 0
+
+
+class DINOModule(TaskModule):
+    """Student + EMA teacher + centre: `forward(ViewBatch) -> Step` with the DINO loss.
+
+    The teacher runs in train mode (batch statistics, as the student) under no_grad; its
+    BatchNorm running statistics are copied from the student by the EMA. Under DDP the centre
+    and the logged teacher entropy use the teacher outputs of all ranks (`gather_rows`).
+    """
+
+    frozen: tuple[str, ...] = ()      # the teacher is state of this run: checkpointed, never optimised
+
+    def __init__(self, student: SelfDistillNet, spec: DINOSpec, total_steps: int, env: DistEnv | None = None) -> None:
+        super().__init__()
+        spec.check("dino")
+        self.student = student
+        self.teacher = copy.deepcopy(student).requires_grad_(False)
+        self.register_buffer("center", torch.zeros(spec.out_dim))
+        self.spec, self.total_steps, self.env = spec, total_steps, env or DistEnv()
+
+    def forward(self, batch: ViewBatch) -> Step:
+        s, b = self.spec, len(batch.index)
+        self.teacher.train()
         with torch.no_grad():
-            h_t, t_out = teacher(torch.cat([g1, g2]))
-        b = len(idx)
-        if bank_hook is not None:
-            bank_hook(idx, F.normalize(h_t[:b], dim=-1))
-        _, s_glob = student(torch.cat([g1, g2]))
-        s_out = [s_glob[:b], s_glob[b:]] + [student(v)[1] for v in locs]
-        loss = dino_loss(s_out, [t_out[:b], t_out[b:]], center, spec.tau_s, spec.tau_t)
+            h_t, t_out = self.teacher(torch.cat([batch.g1, batch.g2]))
+        _, s_glob = self.student(torch.cat([batch.g1, batch.g2]))
+        s_out = [s_glob[:b], s_glob[b:]] + [self.student(v)[1] for v in batch.locals]
+        loss = dino_loss(s_out, [t_out[:b], t_out[b:]], self.center, s.tau_s, s.tau_t)
         with torch.no_grad():
-            center = spec.center_momentum * center + (1 - spec.center_momentum) * t_out.mean(0)
-            t_prob = F.softmax((t_out - center) / spec.tau_t, -1).mean(0)
-            entropy = float(-(t_prob * t_prob.clamp_min(1e-12).log()).sum())
-        return loss, {"teacher_entropy": entropy, "bootstrap": float((idx2 != idx).float().mean())}
+            t_all = gather_rows(t_out.float(), self.env)
+            self.center.copy_(s.center_momentum * self.center + (1 - s.center_momentum) * t_all.mean(0))
+            t_prob = F.softmax((t_all - self.center) / s.tau_t, -1).mean(0)
+            entropy = -(t_prob * t_prob.clamp_min(1e-12).log()).sum()
+        return Step(outputs=s_glob[:b], losses={"dino": loss}, groups={"dino": "distill"},
+                    extras={"feat": F.normalize(h_t[:b].float(), dim=-1), "teacher_entropy": entropy})
 
-    def after(global_step: int) -> None:
-        ema_update(teacher, student, cosine_momentum(global_step, total, spec.teacher_momentum))
+    def after_optimizer_step(self, step: int) -> None:
+        ema_update(self.teacher, self.student, cosine_momentum(step, self.total_steps, self.spec.teacher_momentum))
 
-    student.train()
-    history = fit(list(student.parameters()), step, steps, loop, desc="self-distillation", after_step=after)
-    if on_epoch_end is not None and loop.epochs > 0:
-        on_epoch_end(loop.epochs - 1)
-    return teacher.eval(), history
+    def eval_model(self) -> nn.Module:
+        """The EMA teacher: what DINO evaluates."""
+        return self.teacher

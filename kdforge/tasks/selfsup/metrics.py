@@ -22,7 +22,8 @@ def knn_accuracy(
     k = min(k, len(train_feats))
     sims = F.normalize(test_feats, dim=1) @ F.normalize(train_feats, dim=1).T
     top_s, top_i = sims.topk(k, dim=1)
-    votes = torch.zeros(len(test_feats), c).scatter_add_(1, train_labels[top_i], (top_s / temperature).exp())
+    votes = torch.zeros(len(test_feats), c, device=sims.device)
+    votes.scatter_add_(1, train_labels[top_i].to(sims.device), (top_s / temperature).exp())
     return 100.0 * float((votes.argmax(1) == test_labels).float().mean())
 
 
@@ -35,7 +36,7 @@ def linear_probe_accuracy(
     xtr, xte = (train_feats - mu) / sd, (test_feats - mu) / sd
     c = int(max(int(train_labels.max()), int(test_labels.max())) + 1)
     torch.manual_seed(seed)
-    lin = torch.nn.Linear(xtr.shape[1], c)
+    lin = torch.nn.Linear(xtr.shape[1], c).to(xtr.device)
     opt = torch.optim.Adam(lin.parameters(), lr=lr, weight_decay=weight_decay)
     for _ in range(steps):
         opt.zero_grad()

@@ -1,10 +1,19 @@
-"""A SimCLR-style contrastive representation trained without labels (the WAD teacher).
+"""A SimCLR-style contrastive representation trained without labels (the WAD teacher), as a Task.
 
 `nt_xent_loss` is SimCLR's normalised-temperature cross-entropy over 2B projected views: each
 view's positive is the other view of the same sample, the other 2B - 2 views are negatives.
-`train_contrastive` fits an encoder with it on any unlabelled tensor pool, given an augmentation
-function; `vector_augment` is the augmentation for feature vectors (random per-feature scaling,
-feature dropout and Gaussian noise), so the card's 16-D blob demo gets a learnt teacher too.
+`ContrastiveTask` fits an encoder with it on any unlabelled tensor pool through the Trainer;
+`vector_augment` is the augmentation for feature vectors (random per-feature scaling, feature
+dropout and Gaussian noise), so the card's 16-D blob demo gets a learnt teacher too.
+
+Batch k of epoch e is a pure function of (seed, e, k): the indices come from `stream_batch`
+and both views from a generator seeded by (seed, e, k), drawn for the whole global batch.
+
+DDP is exact: NT-Xent couples every sample of the batch, so each rank projects its share of
+the global batch and all-gathers the projections *with* gradient (`gather_with_grad`), so every
+rank computes the global loss. The gather's backward sums the ranks' (equal) gradients, W * dL/dz
+for the own share, and DDP's average divides by W again: the update is that of one process on
+the whole batch.
 """
 
 from __future__ import annotations
@@ -13,13 +22,27 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdforge.distill.distiller import Step
 from kdforge.errors import KdforgeError
-from kdforge.tasks.common import LoopConfig, epoch_batches, fit, predict, seeded_generator
+from kdforge.tasks.base import Task, TaskModule, rank_share, seeded_generator, stream_batch
+from kdforge.tasks.common import predict
+from kdforge.train.distributed import DistEnv
 
-__all__ = ["ContrastiveEncoder", "embed", "nt_xent_loss", "train_contrastive", "vector_augment"]
+__all__ = [
+    "ContrastiveEncoder",
+    "ContrastiveModule",
+    "ContrastiveTask",
+    "embed",
+    "gather_with_grad",
+    "nt_xent_loss",
+    "vector_augment",
+]
+
+POOL_STREAM, VIEW_STREAM = 41, 43   # seed parts of the index stream and of the views
 
 
 def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
@@ -48,6 +71,30 @@ def vector_augment(
     return x * gain * keep + torch.randn(x.shape, generator=gen) * noise
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward returns the sum over ranks of the gradient of the own rows."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)          # all_reduce, not reduce_scatter: gloo has no reduce_scatter
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """Every rank's `x` concatenated in rank order (dim 0), differentiable; `x` itself in one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
 class ContrastiveEncoder(nn.Module):
     """backbone -> projection MLP; `forward` returns the projection (SimCLR's `simclr` layer)."""
 
@@ -60,36 +107,78 @@ class ContrastiveEncoder(nn.Module):
         return self.head(self.backbone(x))
 
 
-def train_contrastive(
-    encoder: nn.Module,
-    pool: Tensor,
-    loop: LoopConfig,
-    augment: Callable[..., Tensor],
-    temperature: float = 0.5,
-    seed: int = 0,
-    **augment_args: Any,
-) -> list[dict[str, float]]:
-    """Fit `encoder` with NT-Xent on two augmented views of every batch of the unlabelled `pool`."""
-    loop.check("contrastive teacher")
-    gen = seeded_generator(seed, 41)
-    aug_gen = seeded_generator(seed, 43)
-    batches: list[Tensor] = []
-    steps = max(1, len(pool) // loop.batch_size)
+class ContrastiveModule(TaskModule):
+    """The encoder trained with NT-Xent over the global batch (all-gathered projections under DDP)."""
 
-    def on_epoch(epoch: int) -> None:
-        batches[:] = epoch_batches(len(pool), loop.batch_size, gen)
+    def __init__(self, encoder: nn.Module, temperature: float, world: int = 1) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.temperature = temperature
+        self.world = world
 
-    def step_fn(epoch: int, i: int) -> tuple[Tensor, dict[str, float]]:
-        x = pool[batches[i % len(batches)]]
-        return nt_xent_loss(
-            encoder(augment(x, aug_gen, **augment_args)),
-            encoder(augment(x, aug_gen, **augment_args)),
-            temperature,
-        ), {}
+    def eval_model(self) -> nn.Module:
+        return self.encoder
 
-    encoder.train()
-    torch.manual_seed(seed)
-    return fit(list(encoder.parameters()), step_fn, steps, loop, "contrastive", on_epoch_start=on_epoch)
+    def forward(self, batch: tuple[Tensor, Tensor]) -> Step:
+        v1, v2 = batch
+        b = len(v1)
+        z = self.encoder(torch.cat([v1, v2]))
+        if self.world > 1:     # every rank's [z1_share; z2_share], in rank order = the global batch order
+            parts = gather_with_grad(z).split(2 * b)
+            z1, z2 = torch.cat([p[:b] for p in parts]), torch.cat([p[b:] for p in parts])
+        else:
+            z1, z2 = z[:b], z[b:]
+        loss = nt_xent_loss(z1, z2, self.temperature)
+        return Step(outputs=z1, losses={"nt_xent": loss}, groups={"nt_xent": "task"})
+
+
+class ContrastiveTask(Task):
+    """NT-Xent on two augmented views of shuffled batches of an unlabelled pool (no labels read)."""
+
+    name = "contrastive"
+
+    def __init__(
+        self,
+        pool: Tensor,
+        make_encoder: Callable[[], nn.Module],
+        batch_size: int,
+        temperature: float = 0.5,
+        seed: int = 0,
+        augment: Callable[..., Tensor] = vector_augment,
+        **augment_args: Any,
+    ) -> None:
+        if len(pool) < 2:
+            raise KdforgeError(f"contrastive teacher: the pool needs >= 2 samples, got {len(pool)}")
+        self.pool = pool.float().cpu()
+        self.make_encoder = make_encoder
+        self.batch_size = batch_size
+        self.temperature = temperature
+        self.seed = seed
+        self.augment = augment
+        self.augment_args = augment_args
+
+    def build(self, device: torch.device, env: DistEnv) -> nn.Module:
+        self.device = device
+        return ContrastiveModule(self.make_encoder(), self.temperature, env.world).to(device)
+
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.pool) // self.batch_size)
+
+    def batch(self, epoch: int, step: int, env: DistEnv) -> tuple[Tensor, Tensor]:
+        """Both views of the global batch (one generator per step), then this rank's share of them."""
+        k = epoch * self.steps_per_epoch() + step
+        x = self.pool[stream_batch(len(self.pool), self.batch_size, k, self.seed, POOL_STREAM)]
+        gen = seeded_generator(self.seed, VIEW_STREAM, epoch, step)
+        v1 = self.augment(x, gen, **self.augment_args)
+        v2 = self.augment(x, gen, **self.augment_args)
+        mine = rank_share(torch.arange(len(x)), env)
+        return v1[mine].to(self.device), v2[mine].to(self.device)
+
+    def result(self, module: nn.Module, env: DistEnv, autocast: Any = None) -> dict[str, Any]:
+        return {"pool": len(self.pool)}
+
+    def describe(self) -> dict[str, Any]:
+        return {"task": self.name, "temperature": self.temperature, "batch_size": self.batch_size}
 
 
 def embed(encoder: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
