@@ -3,10 +3,10 @@
 Both produce the same kind of CIFAR-style training views (4-px zero-pad random crop, horizontal
 flip, uint8 -> float, per-channel normalisation) of procedural_cifar 32x32, in batches of 128:
 
-* ``batched``: the trainer's own code. `Trainer.make_batch` and `Trainer._prepare` are borrowed
-  unchanged onto a minimal stand-in for the trainer's state (config, data set, in-memory batch
-  source), and an epoch iterates `source.epoch(order, slices)` as `Trainer._train_epoch` does,
-  so the timed path is exactly the trainer's: the uint8 data set lives on the device; per batch
+* ``batched``: the trainer's own code. `ClassificationTask` (the task the Trainer drives for
+  labelled images) is given just the state it reads (config, data set, in-memory batch source),
+  and an epoch iterates its `batches()` as `Trainer._train_epoch` does, so the timed path is
+  exactly the trainer's: the uint8 data set lives on the device; per batch
   `index_select` (images and labels), `crop_flip_params`, `apply_crop_flip`, `to_float`,
   in-place `normalize` (and `mix_batch` in the optional mixup row).
 * ``dataloader``: a `torch.utils.data.Dataset` doing the same per sample in numpy (PIL-free),
@@ -49,21 +49,19 @@ from kdforge.config import AugmentConfig, DataConfig, TrainerConfig  # noqa: E40
 from kdforge.data.base import ImageTensors  # noqa: E402
 from kdforge.data.stream import batch_source  # noqa: E402
 from kdforge.data.synthetic import procedural_cifar  # noqa: E402
+from kdforge.tasks.classification import ClassificationTask  # noqa: E402
 from kdforge.train.checkpoint import atomic_write_text  # noqa: E402
-from kdforge.train.trainer import Trainer, epoch_order, epoch_slices  # noqa: E402
+from kdforge.train.distributed import DistEnv  # noqa: E402
 
 PADDING = 4
 
 
-class TrainerBatches:
-    """`Trainer.make_batch` / `Trainer._prepare` themselves, on just the state they read.
+class TrainerBatches(ClassificationTask):
+    """The classification task's own `batches` / `make_batch` / `prepare`, on just the state they read.
 
-    Borrowing the methods (instead of copying their calls) keeps this benchmark in step with the
-    trainer: a change there is timed here, and a new attribute it needs fails loudly.
+    Using the task's methods (instead of copying their calls) keeps this benchmark in step with
+    what the Trainer runs: a change there is timed here, and a new attribute it needs fails loudly.
     """
-
-    make_batch = Trainer.make_batch
-    _prepare = Trainer._prepare
 
     def __init__(self, train: ImageTensors, device: torch.device, batch: int, mixup: float) -> None:
         augment = AugmentConfig(crop_padding=PADDING, flip=True, mixup=mixup)
@@ -73,6 +71,7 @@ class TrainerBatches:
         self.device = device
         self.cache = None
         self.source = batch_source(train, device, 0)   # in memory: the split on the device
+        self.local_bs = batch
 
 
 class PerSampleCifar(Dataset):
@@ -106,17 +105,14 @@ def _worker_init(worker_id: int) -> None:
 
 
 def batched_epoch(maker: TrainerBatches, epoch: int) -> Callable[[], tuple[int, float]]:
-    """One epoch of the trainer's batches: order, slices, batch source and `make_batch` as in
-    `Trainer._train_epoch` (one process). The closure returns (images, CPU-s of other processes)."""
-    n, bs = len(maker.data.train), maker.cfg.data.batch_size
-    seed = maker.cfg.trainer.seed
+    """One epoch of the trainer's batches: `ClassificationTask.batches` (order, slices, batch source,
+    `make_batch`) as the Trainer iterates it in one process. The closure returns (images, CPU-s of
+    other processes)."""
 
     def run() -> tuple[int, float]:
-        order = epoch_order(n, seed, epoch)
-        slices = epoch_slices(0, n // bs if n >= bs else 1, bs)
         done = 0
-        for step, (images, target, index) in enumerate(maker.source.epoch(order, slices)):
-            done += maker.make_batch(index, epoch, step, images, target).images.shape[0]
+        for batch in maker.batches(epoch, 0, DistEnv()):
+            done += batch.images.shape[0]
         sync(maker.device)
         return done, 0.0
     return run
@@ -195,10 +191,10 @@ def main(argv: list[str] | None = None) -> None:
 
     data = procedural_cifar("train", num_train=args.num, num_test=16, image_size=32)
     runs: dict[str, Callable[[], tuple[int, float]]] = {}
-    batched_name = f"batched on {device}: Trainer.make_batch (crop+flip+normalize)"
+    batched_name = f"batched on {device}: ClassificationTask.batches (crop+flip+normalize)"
     runs[batched_name] = batched_epoch(TrainerBatches(data, device, args.batch, 0.0), 1)
     if args.mixup > 0:
-        runs[f"batched on {device}: Trainer.make_batch + mixup({args.mixup})"] = batched_epoch(
+        runs[f"batched on {device}: ClassificationTask.batches + mixup({args.mixup})"] = batched_epoch(
             TrainerBatches(data, device, args.batch, args.mixup), 1)
     ds = PerSampleCifar(data.images.numpy(), data.labels.numpy(), data.mean, data.std)
     loader_names = []

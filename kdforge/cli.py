@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -55,7 +56,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         shutdown_distributed(clean=False)
         raise
     shutdown_distributed()
-    print(json.dumps(json_safe(result), indent=2, default=str))
+    if os.environ.get("RANK", "0") == "0":      # under torchrun: print the result once
+        print(json.dumps(json_safe(result), indent=2, default=str))
     return 0
 
 

@@ -16,6 +16,7 @@ Index-addressable batches (`stream_batch`, `rank_share`) and `seeded_generator` 
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -62,7 +63,7 @@ def load_task_config(
 ) -> T:
     """Validate a YAML file or mapping (plus `a.b=value` overrides) into the dataclass `schema`."""
     if isinstance(source, dict):
-        tree, where = dict(source), name
+        tree, where = copy.deepcopy(source), name     # overrides must not change the caller's mapping
     elif source is None:
         tree, where = {}, name
     else:

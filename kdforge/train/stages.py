@@ -7,13 +7,14 @@ recipe with `resume=True` skips finished stages (their `result.json` exists), re
 interrupted one from its checkpoint and starts the rest.
 
 Task recipes are YAML files whose top-level `method:` names a registered method with
-`run_config(tree, source, run_dir, resume)`; an optional top-level `trainer:` mapping (any
+`run_config(tree, source, run_dir)`; an optional top-level `trainer:` mapping (any
 `TrainerConfig` field: device, amp, threads, progress, tensorboard, stop_after_steps, ...)
 applies to every stage.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Sequence
 from dataclasses import replace
@@ -66,9 +67,8 @@ def run_stage(root: str | Path, name: str | None, settings: RunConfig, task: Tas
     `settings.trainer.stop_after_steps` stops the stage early (tests, interruption drills); the
     caller must then stop the whole recipe (`StageRun.stopped`).
     """
-    from kdforge.train.trainer import Trainer, resolve_device
-
     from kdforge.train.distributed import dist_env_from_environment
+    from kdforge.train.trainer import Trainer, resolve_device
 
     dist_env_from_environment().barrier()     # every rank sees the same files before deciding
     run_dir = stage_dir(root, name)
@@ -98,7 +98,7 @@ def run_stage(root: str | Path, name: str | None, settings: RunConfig, task: Tas
 def recipe_tree(path: str | Path | dict[str, Any], overrides: Sequence[str] = ()) -> tuple[dict[str, Any], str]:
     """A task recipe as a mapping (YAML file or mapping, plus `a.b=value` overrides) and its source name."""
     if isinstance(path, dict):
-        tree, source = dict(path), "<recipe>"
+        tree, source = copy.deepcopy(path), "<recipe>"     # overrides must not change the caller's mapping
     else:
         tree, source = load_yaml(path), str(path)
     for text in overrides:
