@@ -26,13 +26,31 @@ L = CE_src + w_few·CE_few + L_dom + L_cls. Baseline (`arm: finetune`): CE_src +
 only, same loop and budget. OTD starts after `warmup_epochs` (the pseudo-labeller is the model
 at that point).
 
-Recipe schema (`configs/methods/otd.yaml`; `python -m kdforge.tasks.common configs/methods/otd.yaml`):
+One run of the one Trainer (`DomainTask` of `kdforge.tasks.domain` + `OTDModule`): the phases
+are epochs of a single stage, so the cosine schedule and AdamW moments run on across the switch
+as in the original loop. Epochs < `warmup_epochs` train the source (+ few-shot target) CE only;
+at the start of epoch `warmup_epochs` the module snapshots the model into the frozen
+pseudo-labeller (a checkpointed submodule with a `labeller_ready` buffer), and from then on the
+task adds mixed batches and the module the OTD terms. Batches (source and few-shot positions,
+unlabelled partners, patch positions, crop/flip views) are pure functions of (seed, epoch,
+step). Navigation is a gradient hook on the head weight: it runs inside the Trainer's backward,
+before clipping and the step (under fp16 AMP it sees loss-scaled gradients). The EMA
+statistics, the three gradient subspaces (`OTDState`) and the diagnostic sums are task state in
+every checkpoint, so stop-and-resume is bitwise exact. DDP is refused (`OTDModule.ddp_note`):
+the losses are statistics of per-sample gradients over the whole batch, and the banks and the
+navigation read the whole gradient.
+
+    kdforge train configs/methods/otd.yaml --out runs/otd [otd.arm=finetune ...]
+    kdforge train --resume runs/otd
+
+Recipe schema (`configs/methods/otd.yaml`):
 
     method: otd
     seed: int
     data: {num_old, num_new, src_per_class, shots, unl_per_class, test_per_class, image_size, seed}
     width: int
     loop: {epochs, batch_size, optim, schedule, grad_clip, progress}      # LoopConfig
+    trainer: {device, threads, progress, stop_after_steps, ...}          # optional (TrainerConfig)
     otd: {arm: otd|finetune, few_weight, warmup_epochs, grad_weight, mix_weight, ema, energy,
           bank_size, svd_every, use_dom, use_cls, navigate, nav_weight, nav_bank}
 
@@ -43,26 +61,32 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+import yaml
+from torch import Tensor
 
-from kdforge.config import OptimConfig, ScheduleConfig
+from kdforge.config import OptimConfig, ScheduleConfig, TrainerConfig, to_dict
+from kdforge.distill.distiller import Step
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.registry import METHODS
-from kdforge.tasks.common import LoopConfig, augment_images, load_task_config, predict, prepare_images
-from kdforge.tasks.common import seeded_generator as _gen
+from kdforge.tasks.base import TaskModule
+from kdforge.tasks.common import LoopConfig, load_task_config
 from kdforge.tasks.datafree.model import TinyCNN
-from kdforge.tasks.domain import DomainData, build_domains
-from kdforge.train.optim import build_optimizer, lr_factor, set_lr
+from kdforge.tasks.domain import DomainBatch, DomainData, DomainTask, build_domains, evaluate_target, mix_domains
+from kdforge.train.stages import loop_settings, run_stage, split_trainer
 
 __all__ = [
     "GradientSubspace",
     "OTDConfig",
+    "OTDModule",
+    "OTDState",
     "ema_stat",
     "energy_rank",
+    "evaluate_target",
     "mix_domains",
     "navigate",
     "per_sample_head_grads",
@@ -99,8 +123,17 @@ def ema_stat(stored: Tensor | None, current: Tensor, momentum: float) -> Tensor:
     return momentum * stored.detach() + (1 - momentum) * current
 
 
+def _canonical(x: Tensor) -> Tensor:
+    """A copy with row-major strides, as a checkpoint loads it (strides, even of size-1 dims, pick
+    the matmul kernel; an in-run view and its reloaded copy must give the same bits on resume)."""
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 class GradientSubspace:
-    """Bank of the last `size` vectors (columns); every `every` pushes U_r from an SVD at `energy`."""
+    """Bank of the last `size` vectors (columns); every `every` pushes U_r from an SVD at `energy`.
+
+    The bank lives on the device of the pushed vectors; `state_dict` is checkpointed as task state.
+    """
 
     def __init__(self, dim: int, size: int, every: int, energy: float = 0.98) -> None:
         if dim < 1 or size < 1 or every < 1:
@@ -111,24 +144,29 @@ class GradientSubspace:
         self.basis: Tensor | None = None  # (dim, r) or None (identity projector)
 
     def push(self, v: Tensor) -> None:
-        self.bank = torch.cat([self.bank, v.detach().reshape(-1, 1).float()], 1)[:, -self.size :]
+        col = v.detach().reshape(-1, 1).float()
+        self.bank = _canonical(torch.cat([self.bank.to(col.device), col], 1)[:, -self.size :])
         self.pushes += 1
         if self.pushes % self.every == 0:
             u, s, _ = torch.linalg.svd(self.bank, full_matrices=False)
-            self.basis = u[:, : energy_rank(s, self.energy)]
+            self.basis = _canonical(u[:, : energy_rank(s, self.energy)])
 
     def project(self, x: Tensor) -> Tensor:
         """x (..., dim) -> x U Uᵀ (identity before the first SVD)."""
         if self.basis is None:
             return x
-        b = self.basis.to(x.dtype)
+        b = self.basis.to(device=x.device, dtype=x.dtype)
         return (x @ b) @ b.T
 
     def state_dict(self) -> dict[str, Any]:
         return {"bank": self.bank, "pushes": self.pushes, "basis": self.basis}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.bank, self.pushes, self.basis = state["bank"].clone(), int(state["pushes"]), state["basis"]
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | str = "cpu") -> None:
+        if state["bank"].shape[0] != self.dim:
+            raise KdforgeError(f"otd: checkpointed subspace has dim {state['bank'].shape[0]}, expected {self.dim}")
+        self.bank = state["bank"].clone().to(device)
+        self.pushes = int(state["pushes"])
+        self.basis = None if state["basis"] is None else state["basis"].clone().to(device)
 
 
 def navigate(grad: Tensor, subspace: GradientSubspace, weight: float = 0.1) -> Tensor:
@@ -138,21 +176,6 @@ def navigate(grad: Tensor, subspace: GradientSubspace, weight: float = 0.1) -> T
     if subspace.basis is None or subspace.bank.shape[1] < subspace.size:
         return grad
     return (flat + weight * subspace.project(flat)).reshape(grad.shape)
-
-
-def mix_domains(source: Tensor, target: Tensor, gen: torch.Generator, frac: float = 0.5) -> Tensor:
-    """Paste a random square target patch (side `frac` of the image) into each source image (uint8)."""
-    if source.shape != target.shape:
-        raise KdforgeError(f"otd: mix needs equal shapes, got {tuple(source.shape)}, {tuple(target.shape)}")
-    n, _, h, w = source.shape
-    ph, pw = max(int(h * frac), 1), max(int(w * frac), 1)
-    out = source.clone()
-    ys = torch.randint(0, h - ph + 1, (n,), generator=gen)
-    xs = torch.randint(0, w - pw + 1, (n,), generator=gen)
-    for i in range(n):
-        y, x = int(ys[i]), int(xs[i])
-        out[i, :, y : y + ph, x : x + pw] = target[i, :, y : y + ph, x : x + pw]
-    return out
 
 
 # ------------------------------------------------------------------------------------- recipe
@@ -210,6 +233,12 @@ class OTDConfig:
             raise ConfigError(f"otd recipe: otd.arm must be one of {', '.join(ARMS)}, got {a.arm!r}")
         if not (0 <= a.ema < 1 and 0 < a.energy <= 1) or a.svd_every < 1 or a.nav_bank < 1:
             raise ConfigError("otd recipe: otd.ema in [0, 1), energy in (0, 1], svd_every and nav_bank >= 1")
+        if a.warmup_epochs < 0 or self.loop.epochs < 1:
+            raise ConfigError(f"otd recipe: need otd.warmup_epochs >= 0 and loop.epochs >= 1, got "
+                              f"{a.warmup_epochs}, {self.loop.epochs}")
+        if self.loop.optim.name == "dot":
+            raise ConfigError("otd recipe: loop.optim.name=dot is not supported (navigation edits the one "
+                              "summed gradient); use adamw or sgd")
         self.loop.check("otd recipe: loop")
 
 
@@ -226,23 +255,32 @@ class OTDState:
         self.head = GradientSubspace(c * d, size, a.svd_every, a.energy)
         self.rows = GradientSubspace(d, max(int(0.8 * d), 1), a.svd_every, a.energy)
         nav_dim = model.fc.weight.numel()
-        self.nav = GradientSubspace(nav_dim, min(int(0.8 * nav_dim), a.nav_bank), min(int(0.8 * nav_dim),
-                                                                                         a.nav_bank), a.energy)
-        self.ema: dict[str, Tensor | None] = {}
+        nav_size = min(int(0.8 * nav_dim), a.nav_bank)
+        self.nav = GradientSubspace(nav_dim, nav_size, nav_size, a.energy)
+        self.ema: dict[str, Tensor] = {}
 
     def smooth(self, name: str, value: Tensor, momentum: float) -> Tensor:
         out = ema_stat(self.ema.get(name), value, momentum)
         self.ema[name] = out.detach()
         return out
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": dict(self.ema), "head": self.head.state_dict(), "rows": self.rows.state_dict(),
+                "nav": self.nav.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | str = "cpu") -> None:
+        self.ema = {k: v.clone().to(device) for k, v in state["ema"].items()}
+        for name in ("head", "rows", "nav"):
+            getattr(self, name).load_state_dict(state[name], device)
+
 
 def otd_losses(
     state: OTDState, a: OTDArgs, h_src: Tensor, z_src: Tensor, y_src: Tensor, h_mix: Tensor, z_mix: Tensor,
     y_mix: Tensor, h_tgt: Tensor, z_tgt: Tensor, y_tgt: Tensor, num_old: int,
-) -> tuple[Tensor, dict[str, float]]:
-    """L_dom + L_cls of one step (see the module docstring)."""
+) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """The weighted terms {dom: w_g·L_dom, cls: w_g·L_cls} of one step and the raw values (see the docstring)."""
     logs: dict[str, float] = {}
-    loss = z_src.new_zeros(())
+    terms: dict[str, Tensor] = {}
     if a.use_dom:
         g_s = per_sample_head_grads(h_src, z_src, y_src).flatten(1)
         g_m = per_sample_head_grads(h_mix, z_mix, y_mix).flatten(1)
@@ -253,7 +291,7 @@ def otd_losses(
         state.head.push(mu_s)
         p = state.head.project
         l_dom = F.mse_loss(p(mu_s), p(mu_m)) + F.mse_loss(p(var_s), p(var_m))
-        loss = loss + a.grad_weight * l_dom
+        terms["dom"] = a.grad_weight * l_dom
         logs["l_dom"] = float(l_dom.detach())
     if a.use_cls:
         rows = per_sample_head_grads(h_tgt, z_tgt, y_tgt)  # (B, C, D)
@@ -271,120 +309,152 @@ def otd_losses(
             (F.mse_loss(pr(mus[k]).mean(), t_mu) + F.mse_loss(pr(vars_[k]).mean(), t_var) for k in range(num_old, c)),
             start=z_src.new_zeros(()),
         )
-        loss = loss + a.grad_weight * l_cls
+        terms["cls"] = a.grad_weight * l_cls
         logs["l_cls"] = float(l_cls.detach())
-    return loss, logs
+    return terms, logs
 
 
-def train_otd(cfg: OTDConfig, data: DomainData) -> tuple[TinyCNN, dict[str, Any]]:
-    """The adaptation loop: own loop because navigation edits .grad between backward and step."""
-    a, loop = cfg.otd, cfg.loop
+class OTDModule(TaskModule):
+    """TinyCNN trained on source + few-shot target CE, plus (arm otd, from `adapt_from`) the OTD terms.
+
+    Holds the frozen pseudo-labeller (snapshot of the model at `adapt_from`, checkpointed with
+    its `labeller_ready` flag), the `OTDState` and the diagnostic sums (task state), and the
+    navigation hook on the head weight's gradient.
+    """
+
+    frozen = ()       # the pseudo-labeller is not trained (requires_grad off) but must be checkpointed
+    ddp_note = ("OTD's losses are statistics of per-sample head gradients over the whole batch and its "
+                "subspace banks and gradient navigation read the whole gradient; run it in one process")
+
+    def __init__(self, model: TinyCNN, args: OTDArgs, num_old: int, adapt_from: int | None) -> None:
+        super().__init__()
+        self.model, self.args, self.num_old, self.adapt_from = model, args, num_old, adapt_from
+        self.otd = OTDState(model, args)
+        self.logs: dict[str, float] = {}
+        self.steps = 0
+        self._navigating = False
+        self.labeller: TinyCNN | None = None
+        if adapt_from is not None:
+            self.labeller = copy.deepcopy(model).requires_grad_(False).eval()
+            self.register_buffer("labeller_ready", torch.zeros((), dtype=torch.uint8))
+            if args.navigate:
+                model.fc.weight.register_hook(self._navigate_grad)
+
+    def train(self, mode: bool = True) -> OTDModule:
+        super().train(mode)
+        if self.labeller is not None:
+            self.labeller.eval()     # the pseudo-labeller's BN statistics stay fixed
+        return self
+
+    def eval_model(self) -> TinyCNN:
+        return self.model
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Snapshot the model into the pseudo-labeller once, at the first adaptation epoch (also on resume)."""
+        if self.labeller is not None and epoch >= self.adapt_from and not bool(self.labeller_ready):
+            self.labeller.load_state_dict(self.model.state_dict())
+            self.labeller_ready.fill_(1)
+
+    def _navigate_grad(self, grad: Tensor) -> Tensor | None:
+        if not self._navigating:
+            return None
+        return navigate(grad, self.otd.nav, self.args.nav_weight)
+
+    def forward(self, batch: DomainBatch) -> Step:
+        a, m = self.args, self.model
+        h_src = m.features(batch.src)
+        z_src = m.fc(h_src)
+        h_few = m.features(batch.few)
+        z_few = m.fc(h_few)
+        losses = {"ce_src": F.cross_entropy(z_src, batch.src_labels),
+                  "ce_few": a.few_weight * F.cross_entropy(z_few, batch.few_labels)}
+        groups = {"ce_src": "task", "ce_few": "task"}
+        self._navigating = False
+        if self.labeller is not None:      # OTD arm: the same loss columns in every epoch (zero in warm-up)
+            zero = z_src.new_zeros(())
+            extra = {"ce_mix": zero, **({"dom": zero} if a.use_dom else {}), **({"cls": zero} if a.use_cls else {})}
+            if batch.mixed is not None:
+                if not bool(self.labeller_ready):
+                    raise KdforgeError("otd: a mixed batch arrived before the pseudo-labeller snapshot "
+                                       "(the task's mix_from and the module's adapt_from differ)")
+                with torch.no_grad():
+                    y_mix = self.labeller(batch.mixed).argmax(1)
+                h_mix = m.features(batch.mixed)
+                z_mix = m.fc(h_mix)
+                extra["ce_mix"] = a.mix_weight * F.cross_entropy(z_mix, y_mix)
+                terms, logs = otd_losses(
+                    self.otd, a, h_src, z_src, batch.src_labels, h_mix, z_mix, y_mix,
+                    torch.cat([h_few, h_mix]), torch.cat([z_few, z_mix]), torch.cat([batch.few_labels, y_mix]),
+                    self.num_old,
+                )
+                extra.update(terms)
+                for k, v in logs.items():
+                    self.logs[k] = self.logs.get(k, 0.0) + v
+                self._navigating = a.navigate
+            losses.update(extra)
+            groups.update({k: "distill" for k in extra})
+        self.steps += 1
+        return Step(outputs=z_src, losses=losses, groups=groups)
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Mean raw l_dom / l_cls per training step and the head-gradient subspace rank (result.json)."""
+        info: dict[str, Any] = {k: v / max(self.steps, 1) for k, v in self.logs.items()}
+        basis = self.otd.head.basis
+        info["head_subspace_rank"] = None if basis is None else int(basis.shape[1])
+        return info
+
+    def task_state(self) -> dict[str, Any]:
+        return {"otd": self.otd.state_dict(), "logs": dict(self.logs), "steps": self.steps}
+
+    def load_task_state(self, state: dict[str, Any], device: torch.device | str = "cpu") -> None:
+        if set(state) != {"otd", "logs", "steps"}:
+            raise KdforgeError(f"otd: the checkpoint's task state has keys {sorted(state)}, not an OTD run's")
+        self.otd.load_state_dict(state["otd"], device)
+        self.logs = {k: float(v) for k, v in state["logs"].items()}
+        self.steps = int(state["steps"])
+
+
+def build_data(cfg: OTDConfig) -> DomainData:
+    d = cfg.data
+    return build_domains(d.num_old, d.num_new, d.src_per_class, d.shots, d.unl_per_class, d.test_per_class,
+                         d.image_size, d.seed)
+
+
+def run_otd(cfg: OTDConfig, run_dir: str | Path, data: DomainData | None = None,
+            trainer: TrainerConfig | None = None, config_text: str = "") -> dict[str, Any]:
+    """Adapt (OTD or plain source + few-target fine-tuning) into `run_dir`; evaluate on the target test split.
+
+    One Trainer run (a finished `run_dir` is loaded, an interrupted one resumed). `data` lets
+    several runs share one built `DomainData`. Returns the target metrics and the OTD
+    diagnostics, or `{"stopped_at_step": ...}` when `trainer.stop_after_steps` stopped it.
+    """
+    cfg.check()
+    data = data if data is not None else build_data(cfg)
     torch.manual_seed(cfg.seed)
     model = TinyCNN(data.num_classes, cfg.width)
-    state = OTDState(model, a)
-    gen = _gen(cfg.seed, 7)
-    opt = build_optimizer(loop.optim, list(model.parameters()))
-    base = [g["lr"] for g in opt.param_groups]
-    n = len(data.src_images)
-    steps = max(n // loop.batch_size, 1)
-    few_bs = min(len(data.few_images), loop.batch_size)
-    m, s, seed = data.mean, data.std, cfg.seed
-    pseudo_labeller: TinyCNN | None = None
-    logs_sum: dict[str, float] = {}
-    step = 0
-    for epoch in range(loop.epochs):
-        active = a.arm == "otd" and epoch >= a.warmup_epochs
-        if active and pseudo_labeller is None:
-            pseudo_labeller = copy.deepcopy(model).eval().requires_grad_(False)
-        order = torch.randperm(n, generator=gen)
-        for i in range(steps):
-            set_lr(opt, base, lr_factor(loop.schedule, step, steps, loop.epochs))
-            idx = order[i * loop.batch_size : (i + 1) * loop.batch_size]
-            fidx = torch.randperm(len(data.few_images), generator=gen)[:few_bs]
-            x_src = augment_images(data.src_images[idx], idx, epoch, seed * 16, m, s)
-            x_few = augment_images(data.few_images[fidx], fidx, epoch, seed * 16 + 1, m, s)
-            h_src = model.features(x_src)
-            z_src = model.fc(h_src)
-            h_few = model.features(x_few)
-            z_few = model.fc(h_few)
-            loss = F.cross_entropy(z_src, data.src_labels[idx]) + a.few_weight * F.cross_entropy(
-                z_few, data.few_labels[fidx]
-            )
-            if active:
-                uidx = torch.randint(0, len(data.unl_images), (len(idx),), generator=gen)
-                mixed = mix_domains(data.src_images[idx], data.unl_images[uidx], gen)
-                x_mix = prepare_images(mixed, m, s)
-                with torch.no_grad():
-                    y_mix = pseudo_labeller(x_mix).argmax(1)
-                h_mix = model.features(x_mix)
-                z_mix = model.fc(h_mix)
-                loss = loss + a.mix_weight * F.cross_entropy(z_mix, y_mix)
-                h_tgt = torch.cat([h_few, h_mix])
-                z_tgt = torch.cat([z_few, z_mix])
-                y_tgt = torch.cat([data.few_labels[fidx], y_mix])
-                extra, logs = otd_losses(state, a, h_src, z_src, data.src_labels[idx], h_mix, z_mix, y_mix,
-                                         h_tgt, z_tgt, y_tgt, data.num_old)
-                loss = loss + extra
-                for k, v in logs.items():
-                    logs_sum[k] = logs_sum.get(k, 0.0) + v
-            if not torch.isfinite(loss):
-                raise KdforgeError(f"otd: loss became {float(loss)} at epoch {epoch}, step {i}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if active and a.navigate and model.fc.weight.grad is not None:
-                model.fc.weight.grad = navigate(model.fc.weight.grad, state.nav, a.nav_weight)
-            if loop.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip)
-            opt.step()
-            step += 1
-    info = {k: v / max(step, 1) for k, v in logs_sum.items()}
-    info["head_subspace_rank"] = None if state.head.basis is None else int(state.head.basis.shape[1])
-    return model.eval(), info
-
-
-def evaluate_target(model: nn.Module, data: DomainData) -> dict[str, float]:
-    """Target-domain test accuracy (%): all, old classes, new classes, and mean per-class F1."""
-    logits = predict(model, data.test_images, 500, lambda v: prepare_images(v, data.mean, data.std))
-    pred, y = logits.argmax(1), data.test_labels
-    old = y < data.num_old
-    f1 = []
-    for c in range(data.num_classes):
-        tp = float(((pred == c) & (y == c)).sum())
-        prec, rec = tp / max(float((pred == c).sum()), 1.0), tp / max(float((y == c).sum()), 1.0)
-        f1.append(0.0 if tp == 0 else 2 * prec * rec / (prec + rec))
-    return {
-        "target_top1": 100.0 * float((pred == y).float().mean()),
-        "target_old_top1": 100.0 * float((pred[old] == y[old]).float().mean()),
-        "target_new_top1": 100.0 * float((pred[~old] == y[~old]).float().mean()) if bool((~old).any()) else 0.0,
-        "target_macro_f1": 100.0 * sum(f1) / len(f1),
-    }
-
-
-def run_otd(cfg: OTDConfig, data: DomainData | None = None) -> dict[str, Any]:
-    """Build the two domains, adapt (OTD or plain source + few-target fine-tuning), evaluate on the target."""
-    cfg.check()
-    d = cfg.data
-    if data is None:
-        data = build_domains(d.num_old, d.num_new, d.src_per_class, d.shots, d.unl_per_class, d.test_per_class,
-                             d.image_size, d.seed)
-    model, info = train_otd(cfg, data)
-    return {**evaluate_target(model, data), **info}
+    adapt_from = cfg.otd.warmup_epochs if cfg.otd.arm == "otd" else None
+    module = OTDModule(model, cfg.otd, data.num_old, adapt_from)
+    task = DomainTask(module, data, cfg.loop.batch_size, cfg.seed, mix_from=adapt_from)
+    text = config_text or yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return run_stage(run_dir, None, loop_settings(cfg.loop, cfg.seed, trainer), task, text).result
 
 
 class OTD:
-    """Registry entry: OTD runs in the domain-adaptation loop (`kdforge.tasks.domain`)."""
+    """Registry entry: OTD runs as a domain-adaptation task recipe (`kdforge.tasks.domain`)."""
 
     @classmethod
     def build_module(cls, **_: Any) -> Any:
         raise KdforgeError(
-            "otd runs in the taxonomy-adaptive domain-adaptation loop, not the classification Trainer: "
-            "python -m kdforge.tasks.common configs/methods/otd.yaml"
+            "otd is taxonomy-adaptive domain adaptation: its recipes are task recipes with a top-level "
+            "`method: otd`; run kdforge train configs/methods/otd.yaml --out runs/otd"
         )
 
     @classmethod
-    def run_config(cls, tree: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
-        """Run a `configs/methods/otd.yaml` recipe (see the module docstring)."""
-        return run_otd(load_task_config(OTDConfig, tree, name=source))
+    def run_config(cls, tree: dict[str, Any], source: str, run_dir: str | Path) -> dict[str, Any]:
+        """Run a `configs/methods/otd.yaml` recipe into `run_dir` (see the module docstring)."""
+        body, trainer = split_trainer(tree, source)
+        cfg = load_task_config(OTDConfig, body, name=source)
+        return run_otd(cfg, run_dir, trainer=trainer, config_text=yaml.safe_dump(tree, sort_keys=False))
 
 
 METHODS.register(

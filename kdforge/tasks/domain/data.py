@@ -5,7 +5,8 @@ Both domains render the same procedural classes (`procedural_cifar`, one pattern
 class); the target is re-styled by a fixed domain shift (channel rotation, lower contrast, colour
 gain and posterisation), so the shift is systematic, as between two scanners. Source carries
 classes [0, num_old); the target carries [0, num_old + num_new). Target splits: `few` labelled
-(shots per class), `unlabelled` (for mixing/pseudo-labels) and `test`.
+(shots per class), `unlabelled` (for mixing/pseudo-labels) and `test`. `mix_domains` pastes
+target patches into source images, placed by a pure function of (seed, epoch, step).
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from torch import Tensor
 
 from kdforge.data.synthetic import procedural_cifar
 from kdforge.errors import KdforgeError
+from kdforge.tasks.base import seeded_generator
 
-__all__ = ["DomainData", "build_domains", "domain_shift"]
+__all__ = ["DomainData", "build_domains", "domain_shift", "mix_domains"]
+
+MIX_STREAM = 4      # seeded_generator id of the patch positions (the domain task uses 1-3)
 
 
 @dataclass
@@ -94,3 +98,27 @@ def build_domains(
         test_images=domain_shift(te.images[test], gen), test_labels=te.labels[test],
         num_old=num_old, num_new=num_new, mean=tr.mean, std=tr.std,
     )
+
+
+def mix_domains(source: Tensor, target: Tensor, seed: int, epoch: int, step: int, frac: float = 0.5) -> Tensor:
+    """Paste a square target patch (side `frac` of the image) into each source image (uint8).
+
+    Patch positions are drawn from a generator seeded by (seed, MIX_STREAM, epoch, step), so the
+    mixed batch of a step is the same however the run was stopped and resumed (the stream id keeps
+    it apart from other generators of the same seed).
+    """
+    if source.shape != target.shape or source.dim() != 4:
+        raise KdforgeError(f"mix_domains: need equal (N, C, H, W) shapes, got {tuple(source.shape)}, "
+                           f"{tuple(target.shape)}")
+    if not 0 < frac <= 1:
+        raise KdforgeError(f"mix_domains: frac must be in (0, 1], got {frac}")
+    gen = seeded_generator(seed, MIX_STREAM, epoch, step)
+    n, _, h, w = source.shape
+    ph, pw = max(int(h * frac), 1), max(int(w * frac), 1)
+    out = source.clone()
+    ys = torch.randint(0, h - ph + 1, (n,), generator=gen)
+    xs = torch.randint(0, w - pw + 1, (n,), generator=gen)
+    for i in range(n):
+        y, x = int(ys[i]), int(xs[i])
+        out[i, :, y : y + ph, x : x + pw] = target[i, :, y : y + ph, x : x + pw]
+    return out
