@@ -1,11 +1,15 @@
-"""KD³ mechanism against hand-worked values and direct formulas."""
+"""KD³ mechanism against hand-worked values and direct formulas; its recipe through the one Trainer."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from recipe_checks import assert_ddp_matches, assert_resume_exact
 
+from kdforge.cli import main as cli_main
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.methods.kd3 import (
     KD3Config,
@@ -13,11 +17,23 @@ from kdforge.methods.kd3 import (
     info_nce,
     kd3_kd_feat_losses,
     mix_distribution,
+    mix_lambdas,
     select_instances,
     teacher_weight,
 )
 from kdforge.tasks.common import load_task_config
-from kdforge.tasks.datafree import shuffle_tiles
+from kdforge.tasks.datafree import shuffle_tiles, tiny_cnn
+
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "methods" / "kd3.yaml"
+# teacher: 4 steps/epoch x 1; student: 4 steps/epoch x 2. The 1-epoch teacher is barely confident:
+# threshold 0.13 keeps about 3/4 of the web pool in the student's first epoch and 1/20 in its second
+# (so some batch shares select nothing while others do: the global Σm matters under DDP)
+TINY = [
+    "data.num_orig=128", "data.num_web=128", "data.num_test=64", "data.image_size=8",
+    "teacher_width=4", "student_width=4",
+    "teacher_loop.epochs=1", "teacher_loop.batch_size=32", "student_loop.epochs=2", "student_loop.batch_size=32",
+    "kd3.threshold=0.13", "kd3.agreement_warmup=5", "trainer.progress=false", "trainer.threads=1",
+]
 
 
 def test_teacher_weight_schedule_is_linear():
@@ -60,6 +76,10 @@ def test_kd_and_feature_losses_match_formula():
     assert float(l_feat) == pytest.approx(exp_feat / 3, rel=1e-5)
     zero_kd, _ = kd3_kd_feat_losses(zs.requires_grad_(), zt, hs, ht, torch.zeros(4), w, y)
     assert float(zero_kd.detach()) == 0.0 and zero_kd.requires_grad
+    # one rank's share of a global batch: divided by the global Σm instead of its own
+    half_kd, half_feat = kd3_kd_feat_losses(zs, zt, hs, ht, mask, w, y, temperature=2.0, denom=torch.tensor(6.0))
+    assert float(half_kd.detach()) == pytest.approx(exp_kd / 6, rel=1e-5)
+    assert float(half_feat) == pytest.approx(exp_feat / 6, rel=1e-5)
 
 
 def test_mix_distribution_moves_channel_statistics():
@@ -104,3 +124,57 @@ def test_recipe_rejects_unknown_key_and_bad_arm():
     cfg = load_task_config(KD3Config, {"kd3": {"arm": "nope"}})
     with pytest.raises(ConfigError):
         cfg.check()
+
+
+def test_mix_lambdas_are_a_pure_function_of_the_seed():
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state()
+    a, b = mix_lambdas(16, 0.1, 0, 3, 1, 2), mix_lambdas(16, 0.1, 0, 3, 1, 2)
+    assert torch.equal(a, b) and not torch.equal(a, mix_lambdas(16, 0.1, 0, 3, 1, 3))
+    assert torch.equal(torch.random.get_rng_state(), before)      # the global stream is untouched
+    assert a.min() >= 0 and a.max() <= 1
+
+
+def test_group_norm_variant_keeps_the_init_and_drops_batch_coupling():
+    torch.manual_seed(0)
+    bn = tiny_cnn(10, 4)
+    torch.manual_seed(0)
+    gn = tiny_cnn(10, 4, "group")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in gn.modules())
+    assert torch.equal(bn.fc.weight, gn.fc.weight)
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.allclose(gn(x)[:2], gn(x[:2]), atol=1e-6)        # a sample's output ignores the others
+    with pytest.raises(KdforgeError, match="norm"):
+        tiny_cnn(10, 4, "layer")
+
+
+def test_stop_and_resume_is_bit_identical(tmp_path):
+    # teacher stage: 4 steps; stop inside it, then inside the student's second epoch (selection on,
+    # MixDistribution λ's and partners drawn per step, the selection buffer mid-way)
+    assert_resume_exact(RECIPE, TINY, tmp_path / "teacher", stop_after=2)
+    full = assert_resume_exact(RECIPE, TINY, tmp_path / "student", stop_after=6)
+    assert full["steps"] == 8 and 0 < full["selected_fraction"] < 1
+    assert {"test_top1", "teacher_test_top1", "web_in_class_top1", "style_gap", "selection_precision"} <= set(full)
+
+
+def test_cli_train_writes_a_complete_run_dir(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(["train", str(RECIPE), *TINY, "kd3.arm=kd", "--out", str(out)]) == 0
+    for name in ("config.yaml", "metrics.csv", "result.json", "checkpoints/last.safetensors",
+                 "stages/teacher/config.yaml", "stages/teacher/metrics.csv", "stages/teacher/result.json",
+                 "stages/teacher/checkpoints/last.safetensors"):
+        assert (out / name).is_file(), name
+    result = json.loads((out / "result.json").read_text())
+    assert result["arm"] == "kd" and "selected_fraction" not in result and result["steps"] == 8
+    teacher = json.loads((out / "stages/teacher/result.json").read_text())
+    assert teacher["test_top1"] == pytest.approx(result["teacher_test_top1"])
+    assert "kd3" in (out / "config.yaml").read_text() and "threads: 1" in (out / "config.yaml").read_text()
+    capsys.readouterr()
+    assert cli_main(["train", str(RECIPE), *TINY, "--out", str(out)]) == 2       # one line, no retraining
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_two_gloo_processes_match_one(tmp_path):
+    # per-sample GroupNorm and no InfoNCE: selection, CE+KD and the feature term are per-sample with a
+    # global Σm, so 2 ranks x 16 reproduce 1 rank x 32 (with BatchNorm/InfoNCE DDP uses per-rank statistics)
+    assert_ddp_matches(RECIPE, [*TINY, "norm=group", "kd3.con_weight=0"], tmp_path)

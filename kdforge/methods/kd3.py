@@ -22,7 +22,18 @@ L = L_kd + α L_feat + β L_con. Baseline (`arm: kd`): T²·KL(teacher || studen
 web pool with the student's own classifier. Thresholds, schedule and weights are reconstructions
 (card "(R)"): all configurable.
 
-Recipe schema (`configs/methods/kd3.yaml`; `python -m kdforge.tasks.common configs/methods/kd3.yaml`):
+Stages (each an ordinary run of the one Trainer): `teacher` (`<run>/stages/teacher`, cross-entropy
+on the original labelled split, `kdforge.tasks.datafree.SupervisedTask`), then the student on the
+web pool in the run directory itself (`KD3Task`). Batches, crop/flip views, the Beta λ's and the
+mixing partners are pure functions of (seed, epoch, step), and the selection totals are a module
+buffer, so a run stopped anywhere resumes exactly. DDP is allowed with per-rank batch statistics:
+BatchNorm, the InfoNCE negatives and the MixDistribution partners come from each rank's share of
+the batch (as multi-GPU MixStyle/InfoNCE code does); the selection denominator Σ m_i is summed
+over all ranks, so L_kd and L_feat weight every selected instance of the global batch equally.
+With `norm: group` (per-sample GroupNorm) and `kd3.con_weight: 0` (or `arm: kd`) nothing couples
+samples across ranks and 2 processes reproduce 1 (tests/test_kd3.py checks it).
+
+Recipe schema (`configs/methods/kd3.yaml`; `kdforge train configs/methods/kd3.yaml --out runs/kd3`):
 
     method: kd3
     seed: int                     # student seed (teacher uses teacher_seed)
@@ -30,10 +41,12 @@ Recipe schema (`configs/methods/kd3.yaml`; `python -m kdforge.tasks.common confi
     data: {num_classes, num_orig, num_web, num_test, image_size, fractions, seed}
     teacher_width: int            # TinyCNN widths
     student_width: int
+    norm: batch|group             # TinyCNN normalisation (group: per-sample, see DDP above)
     teacher_loop: {epochs, batch_size, optim, schedule, grad_clip, progress}   # LoopConfig
     student_loop: {epochs, batch_size, optim, schedule, grad_clip, progress}
     kd3: {arm: kd|kd3, temperature, threshold, lambda_start, lambda_end, agreement_warmup,
           selection, classifier_sharing, feat_weight, con_weight, con_temperature, mix_alpha}
+    trainer: {...}                # optional TrainerConfig options for every stage (device, amp, ...)
 
 Unknown keys fail with one line naming the key.
 """
@@ -42,36 +55,47 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import Tensor, nn
 
-from kdforge.config import OptimConfig, ScheduleConfig
+from kdforge.config import OptimConfig, ScheduleConfig, TrainerConfig, to_dict
+from kdforge.distill.distiller import Step
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.registry import METHODS
-from kdforge.tasks.common import (
-    LoopConfig,
-    augment_images,
-    fit,
-    load_task_config,
-    predict,
-    prepare_images,
-    seeded_generator,
+from kdforge.tasks.base import Autocast, TaskModule, rank_share, seeded_generator
+from kdforge.tasks.common import LoopConfig, load_task_config
+from kdforge.tasks.datafree import (
+    NORMS,
+    DataFreeData,
+    DataFreeDataConfig,
+    DataFreeTask,
+    SupervisedTask,
+    TinyCNN,
+    WebBatch,
+    tiny_cnn,
 )
-from kdforge.tasks.datafree import DataFreeData, TinyCNN, build_datafree
+from kdforge.train.distributed import DistEnv
+from kdforge.train.stages import StageRun, loop_settings, run_stage, split_trainer
 
 __all__ = [
     "KD3Config",
+    "KD3Module",
     "KD3Student",
+    "KD3Task",
     "combined_prediction",
     "info_nce",
     "kd3_kd_feat_losses",
     "mix_distribution",
+    "mix_lambdas",
     "run_kd3",
     "select_instances",
     "teacher_weight",
+    "train_teacher",
 ]
 
 ARMS = ("kd", "kd3")
@@ -118,11 +142,15 @@ def kd3_kd_feat_losses(
     weight: Tensor,
     pseudo: Tensor,
     temperature: float = 4.0,
+    denom: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(L_kd, L_feat) over the selected instances (zero with a graph when nothing is selected)."""
+    """(L_kd, L_feat) over the selected instances (zero with a graph when nothing is selected).
+
+    `denom` is Σ m over the global batch when this batch is one rank's share (default: Σ m here).
+    """
     if temperature <= 0:
         raise KdforgeError(f"kd3: temperature must be > 0, got {temperature}")
-    denom = mask.sum()
+    denom = mask.sum() if denom is None else denom
     if float(denom) == 0:
         zero = student_logits.sum() * 0.0 + student_feat.sum() * 0.0
         return zero, zero
@@ -163,10 +191,15 @@ def info_nce(z: Tensor, z_pos: Tensor, temperature: float = 0.2) -> Tensor:
 
 
 class KD3Student(nn.Module):
-    """Student backbone + connector φ to the teacher's feature dim + (optionally frozen teacher) classifier."""
+    """Student backbone + connector φ to the teacher's feature dim + (optionally frozen teacher) classifier.
+
+    The backbone's own head is dropped: the classifier replaces it, and an unused trainable head
+    would stall DDP's gradient reduction.
+    """
 
     def __init__(self, backbone: TinyCNN, teacher: TinyCNN, classifier_sharing: bool = True) -> None:
         super().__init__()
+        backbone.fc = nn.Identity()
         self.backbone = backbone
         self.connector = nn.Linear(backbone.feature_dim, teacher.feature_dim)
         self.classifier = copy.deepcopy(teacher.fc)
@@ -181,18 +214,17 @@ class KD3Student(nn.Module):
         return self.classifier(self.project(self.backbone.stem(x)))
 
 
+
+
+def mix_lambdas(n: int, alpha: float, *seed: int) -> Tensor:
+    """n draws of Beta(alpha, alpha), a pure function of the seed parts (the global RNG is left as it was)."""
+    state = seeded_generator(*seed).initial_seed()
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(state)
+        return torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha))).sample((n,))
+
+
 # ------------------------------------------------------------------------------------- recipe
-
-
-@dataclass
-class DataFreeDataConfig:
-    num_classes: int = 10
-    num_orig: int = 2000
-    num_web: int = 3000
-    num_test: int = 1000
-    image_size: int = 16
-    fractions: list[float] = field(default_factory=lambda: [0.5, 0.2, 0.3])
-    seed: int = 0
 
 
 @dataclass
@@ -226,6 +258,7 @@ class KD3Config:
     data: DataFreeDataConfig = field(default_factory=DataFreeDataConfig)
     teacher_width: int = 16
     student_width: int = 8
+    norm: str = "batch"                # batch (TinyCNN's BatchNorm) | group (per-sample: DDP-exact terms)
     teacher_loop: LoopConfig = field(default_factory=lambda: _loop(10, 3e-3))
     student_loop: LoopConfig = field(default_factory=lambda: _loop(10, 3e-3))
     kd3: KD3Args = field(default_factory=KD3Args)
@@ -240,135 +273,183 @@ class KD3Config:
             raise ConfigError("kd3 recipe: kd3.lambda_start/lambda_end must be in [0, 1], threshold in [0, 1)")
         if a.mix_alpha <= 0 or a.feat_weight < 0 or a.con_weight < 0:
             raise ConfigError("kd3 recipe: kd3.mix_alpha must be > 0 and the loss weights >= 0")
+        if self.norm not in NORMS:
+            raise ConfigError(f"kd3 recipe: norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
         self.teacher_loop.check("kd3 recipe: teacher_loop")
         self.student_loop.check("kd3 recipe: student_loop")
 
 
-def train_teacher(data: DataFreeData, width: int, loop: LoopConfig, seed: int) -> TinyCNN:
-    """Supervised teacher on the original split (which the student never sees)."""
-    torch.manual_seed(seed)
-    model = TinyCNN(data.num_classes, width)
-    gen = seeded_generator(seed, 1)
-    n = len(data.orig_images)
-    steps = max(n // loop.batch_size, 1)
-    batches: list[Tensor] = []
-
-    def step(epoch: int, i: int) -> tuple[Tensor, dict[str, float]]:
-        if i == 0:
-            batches[:] = list(torch.randperm(n, generator=gen)[: steps * loop.batch_size].split(loop.batch_size))
-        idx = batches[i]
-        x = augment_images(data.orig_images[idx], idx, epoch, seed * 16, data.mean, data.std)
-        return F.cross_entropy(model(x), data.orig_labels[idx]), {}
-
-    model.train()
-    fit(list(model.parameters()), step, steps, loop, desc="kd3 teacher")
-    return model.eval().requires_grad_(False)
+# ------------------------------------------------------------------------------------- student stage
 
 
-def accuracy(model: nn.Module, images: Tensor, labels: Tensor, mean: Any, std: Any) -> float:
-    logits = predict(model, images, 500, lambda v: prepare_images(v, mean, std))
-    return 100.0 * float((logits.argmax(1) == labels).float().mean())
+class KD3Module(TaskModule):
+    """Student (`KD3Student` for arm kd3, a bare TinyCNN for arm kd) + the frozen teacher.
 
+    The buffer `selection` holds (selected, correctly pseudo-labelled, seen) web samples summed
+    over training and over all ranks: a checkpointed diagnostic, identical on every rank.
+    """
 
-def train_student(cfg: KD3Config, data: DataFreeData, teacher: TinyCNN) -> tuple[nn.Module, dict[str, Any]]:
-    """Distil `teacher` into a fresh student on the web pool (arm kd: plain KD; arm kd3: full KD³)."""
-    a, loop = cfg.kd3, cfg.student_loop
-    torch.manual_seed(cfg.seed)
-    backbone = TinyCNN(data.num_classes, cfg.student_width)
-    kd3 = a.arm == "kd3"
-    student: nn.Module = KD3Student(backbone, teacher, a.classifier_sharing) if kd3 else backbone
-    gen = seeded_generator(cfg.seed, 2)
-    n = len(data.web_images)
-    steps = max(n // loop.batch_size, 1)
-    batches: list[Tensor] = []
-    beta = torch.distributions.Beta(torch.tensor(a.mix_alpha), torch.tensor(a.mix_alpha))
-    sel_stats = {"selected": 0.0, "correct": 0.0, "seen": 0.0}
+    def __init__(self, student: nn.Module, teacher: TinyCNN, args: KD3Args, epochs: int, env: DistEnv) -> None:
+        super().__init__()
+        self.student = student
+        self.teachers = nn.ModuleDict({"teacher": teacher.eval().requires_grad_(False)})
+        self.args, self.epochs, self.env = args, epochs, env
+        self.register_buffer("selection", torch.zeros(3, dtype=torch.float64))
 
-    def step(epoch: int, i: int) -> tuple[Tensor, dict[str, float]]:
-        if i == 0:
-            batches[:] = list(torch.randperm(n, generator=gen)[: steps * loop.batch_size].split(loop.batch_size))
-        idx = batches[i]
-        x = augment_images(data.web_images[idx], idx, epoch, cfg.seed * 16 + 1, data.mean, data.std)
+    def train(self, mode: bool = True) -> KD3Module:
+        super().train(mode)
+        self.teachers.eval()      # the teacher's BatchNorm statistics stay fixed
+        return self
+
+    def eval_model(self) -> nn.Module:
+        return self.student
+
+    def forward(self, batch: WebBatch) -> Step:
+        a, x, teacher = self.args, batch.images, self.teachers["teacher"]
         with torch.no_grad():
             h_t = teacher.features(x)
             z_t = teacher.fc(h_t)
-        if not kd3:
-            z_s = student(x)
+        if a.arm == "kd":
+            z_s = self.student(x)
             t = a.temperature
             kl = F.kl_div(F.log_softmax(z_s / t, -1), F.log_softmax(z_t / t, -1), log_target=True,
                           reduction="batchmean") * t * t
-            return kl, {"kd": float(kl.detach())}
-        u = student.backbone.stem(x)
-        proj = student.connector(student.backbone.body(u))
-        z_s = student.classifier(proj)
+            return Step(outputs=z_s, losses={"kd": kl}, groups={"kd": "distill"}, teacher_logits=z_t)
+        s = self.student
+        u = s.backbone.stem(x)
+        proj = s.connector(s.backbone.body(u))
+        z_s = s.classifier(proj)
         if a.selection:
-            lam = teacher_weight(epoch, loop.epochs, a.lambda_start, a.lambda_end)
+            lam = teacher_weight(batch.epoch, self.epochs, a.lambda_start, a.lambda_end)
             p = combined_prediction(z_t, z_s, lam)
-            mask, conf, pseudo = select_instances(p, z_t, z_s, a.threshold, epoch >= a.agreement_warmup)
+            mask, conf, pseudo = select_instances(p, z_t, z_s, a.threshold, batch.epoch >= a.agreement_warmup)
         else:
             conf, pseudo = z_t.softmax(-1).max(-1)
             mask = torch.ones_like(conf)
-        truth = data.web_labels[idx]
-        sel_stats["seen"] += len(idx)
-        sel_stats["selected"] += float(mask.sum())
-        sel_stats["correct"] += float((mask * (pseudo == truth).float()).sum())
-        l_kd, l_feat = kd3_kd_feat_losses(z_s, z_t, proj, h_t, mask, conf, pseudo, a.temperature)
-        loss = l_kd + a.feat_weight * l_feat
-        logs = {"kd": float(l_kd.detach()), "feat": float(l_feat.detach()), "kept": float(mask.mean())}
+        local = torch.stack([mask.sum(), (mask * (pseudo == batch.truth).float()).sum(),
+                             mask.new_tensor(float(len(mask)))]).double()
+        total = self.env.all_reduce_sum(local)
+        self.selection += total
+        l_kd, l_feat = kd3_kd_feat_losses(z_s, z_t, proj, h_t, mask, conf, pseudo, a.temperature,
+                                          denom=total[0].to(z_s.dtype))
+        world = self.env.world      # DDP averages gradients over ranks: undo it for the global-Σm terms
+        losses = {"kd": l_kd * world, "feat": a.feat_weight * l_feat * world}
         if a.con_weight > 0:
-            perm = torch.randperm(len(idx), generator=gen)
-            lam_mix = beta.sample((len(idx),))
-            proj_mix = student.connector(student.backbone.body(mix_distribution(u, perm, lam_mix)))
-            l_con = info_nce(proj, proj_mix, a.con_temperature)
-            loss = loss + a.con_weight * l_con
-            logs["con"] = float(l_con.detach())
-        return loss, logs
-
-    student.train()
-    history = fit(list(student.parameters()), step, steps, loop, desc=f"kd3 student ({a.arm})")
-    info: dict[str, Any] = {"final_loss": history[-1]["loss"] if history else None}
-    if kd3 and sel_stats["seen"]:
-        info["selected_fraction"] = sel_stats["selected"] / sel_stats["seen"]
-        info["selection_precision"] = sel_stats["correct"] / max(sel_stats["selected"], 1.0)
-    return student.eval(), info
+            mixed = mix_distribution(u, batch.extras["mix_perm"], batch.extras["mix_lam"])
+            l_con = info_nce(proj, s.connector(s.backbone.body(mixed)), a.con_temperature)
+            losses["con"] = a.con_weight * l_con
+        return Step(outputs=z_s, losses=losses, groups=dict.fromkeys(losses, "distill"), teacher_logits=z_t,
+                    extras={"selected": local[0], "correct": local[1], "seen": local[2]})
 
 
-def run_kd3(cfg: KD3Config, teacher: TinyCNN | None = None, data: DataFreeData | None = None) -> dict[str, Any]:
-    """Build data, train (or reuse) the teacher, distil on the web pool, evaluate on the original test set."""
+class KD3Task(DataFreeTask):
+    """The student stage: distil the frozen teacher into a fresh student on the web pool only."""
+
+    def __init__(self, cfg: KD3Config, data: DataFreeData, teacher: TinyCNN, epochs: int) -> None:
+        super().__init__(data, "web", cfg.student_loop.batch_size, cfg.seed, view_seed=cfg.seed * 16 + 1)
+        self.cfg, self.teacher, self.epochs = cfg, teacher, epochs
+
+    def make_module(self) -> nn.Module:
+        cfg, a = self.cfg, self.cfg.kd3
+        backbone = tiny_cnn(self.data.num_classes, cfg.student_width, cfg.norm)
+        teacher = copy.deepcopy(self.teacher).to(self.device)
+        student = KD3Student(backbone, teacher, a.classifier_sharing) if a.arm == "kd3" else backbone
+        return KD3Module(student, teacher, a, self.epochs, self.env)
+
+    def batch(self, epoch: int, step: int, env: DistEnv) -> WebBatch:
+        b = super().batch(epoch, step, env)
+        a = self.cfg.kd3
+        if a.arm == "kd3" and a.con_weight > 0:     # λ per instance of the global batch; partners within the share
+            lam = rank_share(mix_lambdas(len(b.index) * env.world, a.mix_alpha, self.seed, 3, epoch, step), env)
+            perm = torch.randperm(len(b.index), generator=seeded_generator(self.seed, 4, epoch, step, env.rank))
+            b.extras = {"mix_lam": lam.to(self.device), "mix_perm": perm.to(self.device)}
+        return b
+
+    def train_counts(self, out: Step, batch: WebBatch) -> dict[str, Tensor]:
+        return {k: out.extras[k] for k in ("selected", "correct", "seen") if k in out.extras}
+
+    def train_metrics(self, counts: dict[str, float]) -> dict[str, float]:
+        if not counts.get("seen"):
+            return {}
+        return {"train_selected_fraction": counts["selected"] / counts["seen"],
+                "train_selection_precision": counts["correct"] / max(counts["selected"], 1.0)}
+
+    def result(self, module: nn.Module, env: DistEnv, autocast: Autocast | None = None) -> dict[str, Any]:
+        """Student top-1 on the original test split, the teacher's, the in-class web top-1 and the selection."""
+        d = self.data
+        out: dict[str, Any] = {
+            "test_top1": self.evaluate(module, "test", env)["top1"],
+            "teacher_test_top1": self.accuracy(module.teachers["teacher"], d.test_images, d.test_labels),
+            "web_in_class_top1": self.evaluate(module, "web_in_class", env)["top1"],
+        }
+        out["style_gap"] = out["web_in_class_top1"] - out["test_top1"]
+        selected, correct, seen = (float(v) for v in module.selection)
+        if seen:
+            out["selected_fraction"] = selected / seen
+            out["selection_precision"] = correct / max(selected, 1.0)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {"task": self.name, "stage": "student", "arm": cfg.kd3.arm,
+                "student": f"tinycnn_w{cfg.student_width}", "teacher": f"tinycnn_w{cfg.teacher_width}",
+                "norm": cfg.norm, "train_split": f"web pool ({len(self.images)} images)"}
+
+
+# ------------------------------------------------------------------------------------- stages
+
+
+def _recipe_text(cfg: KD3Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def train_teacher(cfg: KD3Config, run_dir: str | Path, data: DataFreeData | None = None,
+                  trainer: TrainerConfig | None = None, config_text: str = "") -> StageRun:
+    """Stage `teacher` (`<run_dir>/stages/teacher`): supervised on the original split, seed `teacher_seed`.
+
+    A finished stage is loaded, not retrained; its `module.eval_model()` is the teacher network.
+    """
+    data = data if data is not None else cfg.data.build()
+    loop = cfg.teacher_loop
+    task = SupervisedTask(data, cfg.teacher_width, loop.batch_size, cfg.teacher_seed, cfg.norm)
+    return run_stage(run_dir, "teacher", loop_settings(loop, cfg.teacher_seed, trainer), task,
+                     config_text or _recipe_text(cfg))
+
+
+def run_kd3(cfg: KD3Config, run_dir: str | Path, teacher: TinyCNN | None = None, data: DataFreeData | None = None,
+            trainer: TrainerConfig | None = None, config_text: str = "") -> dict[str, Any]:
+    """The recipe's stages: the teacher (unless given; demos share one across arms), then the student
+    on the web pool into `run_dir`. Returns the student run's result, or `{"stopped_at_step": ...}`
+    when `trainer.stop_after_steps` stopped a stage."""
     cfg.check()
-    d = cfg.data
-    if data is None:
-        data = build_datafree(d.num_classes, d.num_orig, d.num_web, d.num_test, d.image_size,
-                              tuple(d.fractions), d.seed)
+    text = config_text or _recipe_text(cfg)
+    data = data if data is not None else cfg.data.build()
     if teacher is None:
-        teacher = train_teacher(data, cfg.teacher_width, cfg.teacher_loop, cfg.teacher_seed)
-    student, info = train_student(cfg, data, teacher)
-    in_class = data.web_kind == 0
-    result = {
-        "test_top1": accuracy(student, data.test_images, data.test_labels, data.mean, data.std),
-        "teacher_test_top1": accuracy(teacher, data.test_images, data.test_labels, data.mean, data.std),
-        "web_in_class_top1": accuracy(student, data.web_images[in_class], data.web_labels[in_class],
-                                      data.mean, data.std),
-        **info,
-    }
-    result["style_gap"] = result["web_in_class_top1"] - result["test_top1"]
-    return result
+        stage = train_teacher(cfg, run_dir, data, trainer, text)
+        if stage.stopped:
+            return stage.result
+        teacher = stage.module.eval_model()
+    settings = loop_settings(cfg.student_loop, cfg.seed, trainer)
+    task = KD3Task(cfg, data, teacher, settings.trainer.epochs)
+    return run_stage(run_dir, None, settings, task, text).result
 
 
 class KD3:
-    """Registry entry: KD³ runs in the web-data loop (`kdforge.tasks.datafree`), not the Trainer."""
+    """Registry entry: KD³ is a data-free task recipe (teacher stage, then the web-pool student stage)."""
 
     @classmethod
     def build_module(cls, **_: Any) -> Any:
         raise KdforgeError(
-            "kd3 runs in the data-free/web-data loop, not the classification Trainer: "
-            "python -m kdforge.tasks.common configs/methods/kd3.yaml"
+            "kd3 is a data-free task recipe with a top-level `method: kd3`, not a classification run config: "
+            "kdforge train configs/methods/kd3.yaml --out runs/kd3"
         )
 
     @classmethod
-    def run_config(cls, tree: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
-        """Run a `configs/methods/kd3.yaml` recipe (see the module docstring)."""
-        return run_kd3(load_task_config(KD3Config, tree, name=source))
+    def run_config(cls, tree: dict[str, Any], source: str, run_dir: str | Path) -> dict[str, Any]:
+        """Run a `configs/methods/kd3.yaml` recipe into `run_dir` (see the module docstring)."""
+        body, trainer = split_trainer(tree, source)
+        cfg = load_task_config(KD3Config, body, name=source)
+        return run_kd3(cfg, run_dir, trainer=trainer, config_text=yaml.safe_dump(tree, sort_keys=False))
 
 
 METHODS.register(

@@ -91,6 +91,10 @@ class Task:
     def on_epoch_end(self, module: nn.Module, epoch: int) -> None:
         """Per-epoch task work after the last step (move samples between sets, close a bank window ...)."""
 
+    def should_stop(self, epoch: int, metrics: dict[str, float]) -> bool:
+        """After `eval_split` was evaluated at the end of `epoch`: True ends training early (patience)."""
+        return False
+
     def fresh_optimizer(self, epoch: int) -> bool:
         """True to rebuild the optimizer (fresh moments) at the start of `epoch` (e.g. WAD's rounds)."""
         return False

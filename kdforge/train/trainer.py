@@ -147,6 +147,7 @@ class Trainer:
         self.step = 0          # global optimizer steps done
         self.step_in_epoch = 0
         self.best = -math.inf
+        self.stopped_early = False      # the task ended training after an evaluation (patience)
         self._partial: dict[str, dict[str, float]] | None = None   # sums of an interrupted epoch
         self._bad_step = torch.tensor(-1, device=self.device)       # first step with a non-finite loss
         self._stops = _StopRequests()
@@ -192,7 +193,7 @@ class Trainer:
     def _trainer_state(self) -> dict[str, Any]:
         state = {"epoch": self.epoch, "step": self.step, "step_in_epoch": self.step_in_epoch,
                  "best": self.best if math.isfinite(self.best) else None,
-                 "steps_per_epoch": self.steps_per_epoch}
+                 "steps_per_epoch": self.steps_per_epoch, "stopped_early": self.stopped_early}
         if self._partial is not None:
             state["epoch_partial"] = self._partial
         return state
@@ -217,6 +218,7 @@ class Trainer:
         if optim_state is not None:
             self.optimizer.load_state_dict(optim_state)
         self.best = state["best"] if state.get("best") is not None else -math.inf
+        self.stopped_early = bool(state.get("stopped_early", False))
         self._partial = state.get("epoch_partial")
         if self.scaler is not None and "grad_scaler" in state:
             self.scaler.load_state_dict(state["grad_scaler"])
@@ -269,7 +271,7 @@ class Trainer:
         start = time.time()
         try:
             with self._stops:
-                while self.epoch < cfg.trainer.epochs:
+                while self.epoch < cfg.trainer.epochs and not self.stopped_early:
                     if self._train_epoch(tb) == "stopped":
                         return {"stopped_at_step": self.step}
         except KeyboardInterrupt:     # a second Ctrl-C: the last epoch-end checkpoint stays the resume point
@@ -380,6 +382,7 @@ class Trainer:
                     self.best = score
                     if self.env.is_main:
                         save_checkpoint(self.ckpt_dir, "best", self.module.checkpoint_state(), self._trainer_state())
+            self.stopped_early = bool(task.should_stop(epoch, ev))
             if not self.quiet:
                 shown = "  ".join(f"{k} {v:.2f}" for k, v in list(ev.items())[:3] if isinstance(v, float))
                 print(f"epoch {epoch + 1}/{cfg.trainer.epochs}  loss {row['train_loss']:.3f}  {split} {shown}",
@@ -395,6 +398,8 @@ class Trainer:
         if task.eval_split is not None and task.selection_metric is not None:
             best = self.best if task.higher_is_better else -self.best
             result[f"best_{task.eval_split}_{task.selection_metric}"] = best if math.isfinite(best) else None
+        if self.stopped_early:
+            result["stopped_early_at_epoch"] = self.epoch
         result.update({"epochs": self.cfg.trainer.epochs, "steps": self.step, "wall_time_s": round(wall, 2),
                        "device": str(self.device), **task.describe()})
         if self.env.is_main:

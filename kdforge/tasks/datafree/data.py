@@ -15,7 +15,7 @@ only; the student never reads them. The original test split is the evaluation se
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ from torch import Tensor
 from kdforge.data.synthetic import procedural_cifar
 from kdforge.errors import KdforgeError
 
-__all__ = ["DataFreeData", "KINDS", "build_datafree", "restyle", "shuffle_tiles"]
+__all__ = ["DataFreeData", "DataFreeDataConfig", "KINDS", "build_datafree", "restyle", "shuffle_tiles"]
 
 KINDS = ("in_class", "related", "other")
 
@@ -117,3 +117,20 @@ def build_datafree(
         test_images=test.images, test_labels=test.labels, num_classes=num_classes,
         mean=train.mean, std=train.std,
     )
+
+
+@dataclass
+class DataFreeDataConfig:
+    """The `data:` section of a data-free recipe: `build_datafree`'s arguments."""
+
+    num_classes: int = 10
+    num_orig: int = 2000
+    num_web: int = 3000
+    num_test: int = 1000
+    image_size: int = 16
+    fractions: list[float] = field(default_factory=lambda: [0.5, 0.2, 0.3])
+    seed: int = 0
+
+    def build(self) -> DataFreeData:
+        return build_datafree(self.num_classes, self.num_orig, self.num_web, self.num_test, self.image_size,
+                              tuple(self.fractions), self.seed)
