@@ -155,8 +155,8 @@ def test_streamed_training_equals_in_memory_training(runs: dict[str, Path]) -> N
 def test_streamed_views_equal_in_memory_views(tree: Path, tmp_path: Path) -> None:
     mem = Trainer(_cfg(tree), tmp_path / "m", quiet=True)
     stream = Trainer(_cfg(tree, "data.stream=true", "data.workers=0"), tmp_path / "s", quiet=True)
-    assert isinstance(stream.data.train, StreamingImages) and isinstance(stream.source, LoaderBatches)
-    assert isinstance(stream.data.eval, StreamingImages) and isinstance(mem.source, TensorBatches)
+    assert isinstance(stream.data.train, StreamingImages) and isinstance(stream.task.source, LoaderBatches)
+    assert isinstance(stream.data.eval, StreamingImages) and isinstance(mem.task.source, TensorBatches)
     index = torch.tensor([3, 17, 0, 9])
     a, b = mem.make_batch(index, 1, 0), stream.make_batch(index, 1, 0)
     assert torch.equal(a.images, b.images) and torch.equal(a.target, b.target)
