@@ -69,7 +69,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from kdforge.train.trainer import resolve_device
 
     run_dir = Path(args.run_dir)
+    from kdforge.train.stages import is_task_recipe
+
+    if is_task_recipe(run_dir / "config.yaml"):
+        raise KdforgeError(f"{run_dir} is a task recipe run; its metrics are in {run_dir / 'result.json'} "
+                           "(kdforge eval evaluates classification runs)")
     cfg = load_config(run_dir / "config.yaml", args.overrides)
+    if args.split == "val" and cfg.data.val_fraction <= 0:
+        raise KdforgeError(f"{run_dir} has no validation split (data.val_fraction=0); use --split test")
+    if args.checkpoint == "best" and not (run_dir / "checkpoints" / "best.json").is_file():
+        raise KdforgeError(f"{run_dir} has no 'best' checkpoint: best is chosen on a validation split "
+                           "(data.val_fraction > 0), never on the test split; use --checkpoint last")
     data = load_data(cfg.data, cfg.trainer.seed)
     distiller = build_distiller(cfg, data)
     import torch
@@ -97,21 +107,32 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_methods(args: argparse.Namespace) -> int:
     from kdforge.methods.catalog import as_dicts
 
-    rows = as_dicts()
+    rows = sorted(as_dicts(), key=lambda r: (r["kind"] != "seed", r["family"], r["id"]))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     width = max(len(r["id"]) for r in rows)
-    fam = max(len(r["family"]) for r in rows)
-    for r in rows:
-        print(f"{r['id']:<{width}}  {r['status']:<11}  {r['family']:<{fam}}  {r['paper']}")
-    done = sum(r["status"] == "implemented" for r in rows if r["kind"] == "seed")
-    print(f"\n{done}/{sum(r['kind'] == 'seed' for r in rows)} ICCV 2023 seed methods implemented")
+    seeds = [r for r in rows if r["kind"] == "seed"]
+    done = sum(r["status"] == "implemented" for r in seeds)
+    for kind, title in (("seed", f"ICCV 2023 seed methods ({done}/{len(seeds)} implemented)"),
+                        ("baseline", "Baselines")):
+        print(f"{title}\n{'id':<{width}}  {'status':<11}  paper")
+        family = None
+        for r in (r for r in rows if r["kind"] == kind):
+            if r["family"] != family:
+                family = r["family"]
+                print(f"  [{family}]")
+            print(f"{r['id']:<{width}}  {r['status']:<11}  {r['paper']}")
+        print()
+    print("run one: kdforge train configs/methods/<id>.yaml --out runs/<id>   (kdforge methods --json for scripts)")
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from kdforge.demo import run_demo
+    from kdforge.train.checkpoint import ensure_writable_dir
+
+    ensure_writable_dir(args.out, "demo output directory")
 
     run_demo(Path(args.out), seed=args.seed, quick=args.quick, threads=args.threads)
     return 0
@@ -125,6 +146,9 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     from kdforge.train.trainer import resolve_device
 
     cfg = load_config(args.config, args.overrides)
+    from kdforge.train.checkpoint import ensure_writable_dir
+
+    ensure_writable_dir(Path(args.out).parent if Path(args.out).name else Path(args.out), "cache directory")
     if cfg.teacher is None or not cfg.teacher.checkpoint:
         raise KdforgeError(f"{args.config}: kdforge cache needs teacher.name and teacher.checkpoint")
     if cfg.data.stream:
@@ -164,9 +188,20 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kdforge")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kdforge", description="Knowledge distillation on one core.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="kdforge", description="Knowledge distillation on one core: the ICCV 2023 "
+                                     "KD methods and the classic baselines, one trainer for every task.")
+    parser.add_argument("--version", action="version", version=f"kdforge {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="teacher, scratch student and KD student on procedural data")
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
@@ -182,11 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
     train.set_defaults(fn=_cmd_train)
 
-    ev = sub.add_parser("eval", help="evaluate a run's checkpoint")
-    ev.add_argument("run_dir")
-    ev.add_argument("overrides", nargs="*")
-    ev.add_argument("--checkpoint", default="last", choices=["last", "best"])
-    ev.add_argument("--split", default="test", choices=["test", "val"])
+    ev = sub.add_parser("eval", help="evaluate a classification run's checkpoint (top-1, top-5, loss)")
+    ev.add_argument("run_dir", help="a run directory written by kdforge train")
+    ev.add_argument("overrides", nargs="*", help="config overrides, e.g. data.eval_batch_size=512")
+    ev.add_argument("--checkpoint", default="last", choices=["last", "best"],
+                    help="last (default) or best (exists only with a validation split)")
+    ev.add_argument("--split", default="test", choices=["test", "val"],
+                    help="test (default) or val (the run's validation split, data.val_fraction > 0)")
     ev.set_defaults(fn=_cmd_eval)
 
     cache = sub.add_parser("cache", help="run the teacher once over K augmented epochs and store its outputs")
@@ -194,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("overrides", nargs="*")
     cache.add_argument("--out", required=True, help="cache directory")
     cache.add_argument("--epochs", type=int, default=4, help="augmented epochs to cache (K, default 4)")
-    cache.add_argument("--overwrite", action="store_true")
+    cache.add_argument("--overwrite", action="store_true", help="replace an existing cache directory")
     cache.set_defaults(fn=_cmd_cache)
 
     search = sub.add_parser("search", help="distiller search: Auto-KD (MCTS) or BOSS (BO + self-distillation)")
@@ -207,15 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
     search.set_defaults(fn=_cmd_search)
 
     methods = sub.add_parser("methods", help="list the methods and baselines with their status")
-    methods.add_argument("--json", action="store_true")
+    methods.add_argument("--json", action="store_true", help="machine-readable list (id, family, paper, status, kind)")
     methods.set_defaults(fn=_cmd_methods)
 
-    data = sub.add_parser("data", help="data set tools")
-    data_sub = data.add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="data set tools (kdforge data prepare NAME --root DIR)")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="prepare")
     prep = data_sub.add_parser("prepare", help="download and verify a data set, or say where to put it")
-    prep.add_argument("name")
-    prep.add_argument("--root", required=True)
-    prep.add_argument("--no-download", action="store_true")
+    prep.add_argument("name", help="data set name, e.g. cifar100, cifar10, mnist")
+    prep.add_argument("--root", required=True, help="directory to hold the data set files")
+    prep.add_argument("--no-download", action="store_true", help="only verify files already in --root")
     prep.set_defaults(fn=_cmd_data)
     return parser
 
@@ -225,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    if args.command is None:          # bare `kdforge`: the overview, not a usage error
+        parser.print_help()
+        return 0
     # `a.b=value` overrides may come after options (`train CFG --out D a.b=1`): argparse leaves them over
     stray = [u for u in unknown if u.startswith("-") or "=" not in u]
     if stray or (unknown and not hasattr(args, "overrides")):
@@ -242,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kdforge: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:           # `kdforge methods | head`: the reader went away
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -59,13 +59,16 @@ def test_methods_lists_every_card_id(capsys) -> None:
     code, out, _ = _run(capsys, "methods", "--json")
     rows = json.loads(out)
     ids = [r["id"] for r in rows]
-    assert code == 0 and list(SEED_METHODS) == CARD_IDS and ids[:28] == CARD_IDS
+    assert code == 0 and list(SEED_METHODS) == CARD_IDS and sorted(ids[:28]) == sorted(CARD_IDS)
+    keys = [(r["kind"] != "seed", r["family"], r["id"]) for r in rows]
+    assert keys == sorted(keys)          # seed methods first, then baselines; by family, then id
     assert {"kd", "dkd", "fitnet", "at", "sp", "rkd", "pkt", "crd"} <= set(ids)
     assert all(set(r) >= {"id", "family", "paper", "status"} for r in rows)
     assert all(r["status"] in ("implemented", "planned") for r in rows)
     assert {r["id"]: r["status"] for r in rows}["kd"] == "implemented"
     code, out, _ = _run(capsys, "methods")
-    assert code == 0 and "ssd_det" in out and "seed methods implemented" in out
+    assert code == 0 and "ssd_det" in out and "ICCV 2023 seed methods (" in out and "Baselines" in out
+    assert out.index("[detection]") < out.index("ssd_det") < out.index("Baselines") < out.index("crd")
 
 
 def test_train_interrupt_resume_and_eval(tmp_path: Path, capsys) -> None:

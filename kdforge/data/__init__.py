@@ -43,7 +43,8 @@ def load_split(name: str, split: str, root: str | None = None, stream: bool = Fa
                and not any(p.kind is p.VAR_KEYWORD for p in params.values())]
     if unknown:
         valid = [p for p in params if p not in ("split", "root")]
-        raise KdforgeError(f"data set '{name}' has no option {unknown[0]!r}; options: {', '.join(valid)}")
+        options = f"options: {', '.join(valid)}" if valid else "it takes no options (remove data.args)"
+        raise KdforgeError(f"data set '{name}' has no option {unknown[0]!r}; {options}")
     data = factory(**kwargs)
     if not isinstance(data, ImageTensors | StreamingImages):
         raise KdforgeError(f"data set '{name}' is not an in-memory image data set")

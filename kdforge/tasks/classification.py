@@ -50,7 +50,6 @@ class ClassificationTask(Task):
     """A `RunConfig`'s data, student, teachers and terms: the Distiller trained on labelled images."""
 
     name = "classification"
-    selection_metric = "top1"
 
     def __init__(self, cfg: RunConfig, data: RunData | None = None) -> None:
         self.cfg = cfg
@@ -64,6 +63,9 @@ class ClassificationTask(Task):
         self.device, self.env = device, env
         self.data = self.data or load_data(cfg.data, cfg.trainer.seed)
         self.eval_split = self.data.eval_name
+        # `best` is chosen on a validation split only; without one the test split is logged per
+        # epoch for monitoring, and only `last` exists (nothing is selected on the test split)
+        self.selection_metric = "top1" if self.data.eval_name == "val" else None
         self.distiller: Distiller = build_distiller(cfg, self.data)
         sample = self.prepare(fetch_images(self.data.train, torch.arange(min(2, len(self.data.train)))))
         self.distiller.setup(sample, len(self.data.train))

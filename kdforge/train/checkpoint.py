@@ -28,13 +28,33 @@ from torch import Tensor
 from kdforge.errors import KdforgeError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def ensure_writable_dir(path: str | Path, what: str = "output directory") -> Path:
+    """Create `path` (and parents) and prove a file can be written there; one clear line if not."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".kdforge-write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise KdforgeError(f"cannot write the {what} {path}: {err.strerror or err}") from None
+    return path
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, then rename over `path`."""
+    """Write to a temporary file in the same directory, then rename over `path` (mode follows the umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())     # mkstemp makes 0600 files; keep the user's usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -53,6 +73,7 @@ def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str
     os.close(fd)
     try:
         save_file(plain, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -28,7 +28,7 @@ from kdforge.config import RunConfig, TrainerConfig, apply_override, from_dict, 
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.tasks.base import Task
 from kdforge.tasks.common import LoopConfig
-from kdforge.train.checkpoint import atomic_write_text, load_checkpoint
+from kdforge.train.checkpoint import atomic_write_text, ensure_writable_dir, load_checkpoint
 
 __all__ = ["LoopConfig", "StageRun", "loop_settings", "recipe_tree", "run_recipe", "run_stage", "stage_dir"]
 
@@ -148,7 +148,7 @@ def run_recipe(path: str | Path | dict[str, Any], overrides: Sequence[str] = (),
         raise KdforgeError(f"cannot resume: {root / 'config.yaml'} not found (is {root} a kdforge run directory?)")
     env.barrier()                  # all ranks checked before rank 0 writes
     if env.is_main:
-        root.mkdir(parents=True, exist_ok=True)
+        ensure_writable_dir(root, "run directory")
         atomic_write_text(root / "config.yaml", yaml.safe_dump(tree, sort_keys=False))
     return runner(tree, source, root)
 

@@ -33,7 +33,13 @@ from kdforge.errors import KdforgeError
 from kdforge.tasks.base import Task
 from kdforge.tasks.classification import epoch_order, epoch_slices  # noqa: F401  (re-exported)
 from kdforge.train.build import RunData
-from kdforge.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, set_rng_state
+from kdforge.train.checkpoint import (
+    atomic_write_text,
+    ensure_writable_dir,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
 from kdforge.train.distributed import DistEnv, device_for, dist_env_from_environment
 from kdforge.train.log import MetricsLog, TensorBoard, json_safe, progress
 from kdforge.train.optim import build_optimizer, lr_factor, set_lr, wants_loss_groups
@@ -120,6 +126,8 @@ class Trainer:
         if not resume and (self.ckpt_dir / "last.json").is_file():
             raise KdforgeError(f"{self.run_dir} already holds a run; pass --resume to continue it or "
                                "choose another --out")
+        if self.env.is_main:      # before any data is loaded: an unwritable --out fails at once
+            ensure_writable_dir(self.run_dir, "run directory")
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
         self.device = resolve_device(device_for(self.env, cfg.trainer.device))
@@ -186,7 +194,7 @@ class Trainer:
             self.module.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.module.student)
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(self.module, device_ids=None, broadcast_buffers=True)
+        return DistributedDataParallel(self.module, device_ids=None)    # buffers follow rank 0 (the default)
 
     # -- checkpoints ---------------------------------------------------------------------------------
 
