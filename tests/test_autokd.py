@@ -1,10 +1,17 @@
 """Auto-KD: CKA and training-free weights against hand formulas, the searched loss's transforms and
-distances against direct computations, the space built from the registry, and a tiny real search
-(cached teacher, interruption + resume, recipe that `kdforge train` runs)."""
+distances against direct computations, the space built from the registry, a tiny real search
+(cached teacher, interruption + resume, recipe that `kdforge train` runs) and the proxy trials as
+ordinary Trainer runs (run directory, exact resume mid-trial, read-not-retrained, patience,
+schedule, divergence)."""
 
 from __future__ import annotations
 
+import csv
+import json
 import math
+import os
+import signal
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,7 +35,9 @@ from kdforge.search.cka import linear_cka, training_free_weights
 from kdforge.search.options import AutoKDOptions
 from kdforge.search.proxy import Proxy, sparsity_masks, student_features, subset_rows
 from kdforge.search.storage import complete_trials, open_study
-from kdforge.train.checkpoint import save_tensors
+from kdforge.train.checkpoint import load_checkpoint, save_tensors
+from kdforge.train.optim import lr_factor
+from kdforge.train.trainer import Trainer
 
 # ------------------------------------------------------------------ CKA and training-free weights
 
@@ -345,3 +354,108 @@ def test_multi_teacher_multi_layer_weights_are_training_free(tiny: dict) -> None
                                                              setup.teacher_weights["t2"]])
     result = setup.proxy.run(cand)
     assert math.isfinite(result.reward) and result.ce_weight == 0.5 and len(result.weights) == 4
+
+
+def test_every_trial_is_a_run_directory(tiny: dict) -> None:
+    study = open_study("autokd", f"sqlite:///{tiny['root'] / 'full' / 'search.db'}")
+    fresh = [t for t in complete_trials(study) if not t.user_attrs.get("cached")]
+    dirs = {Path(t.user_attrs["run_dir"]) for t in fresh}
+    assert len(dirs) == len(fresh) == 3 and all(d.parent == tiny["root"] / "full" / "trials" for d in dirs)
+    for trial in fresh:
+        run = Path(trial.user_attrs["run_dir"])
+        result = json.loads((run / "result.json").read_text())
+        assert result["reward"] == trial.value == result["best_val_reward"]
+        assert (run / "config.yaml").is_file() and (run / "checkpoints" / "best.json").is_file()
+        assert "val_reward" in (run / "metrics.csv").read_text().splitlines()[0]
+
+
+def test_ctrl_c_inside_a_trial_resumes_that_trial(tiny: dict) -> None:
+    """SIGINT mid-trial: the Trainer checkpoints the trial, the search stops; rerunning finishes it exactly."""
+    out = tiny["root"] / "ctrl-c"
+    seen = {"train_forwards": 0}
+
+    def interrupt(module, inputs, output):   # noqa: ANN001, ANN202
+        if type(module).__name__ == "ConvNet" and module.training:
+            seen["train_forwards"] += 1
+            if seen["train_forwards"] == 9:      # 5 per trial (first-batch probe + 4 steps): trial 2, step 3
+                os.kill(os.getpid(), signal.SIGINT)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(interrupt)
+    try:
+        with pytest.raises(KdforgeError, match="interrupted after 1 finished trials"):
+            run_autokd(tiny["cfg"], _opts(), out, quiet=True)
+    finally:
+        hook.remove()
+    partial = [d for d in (out / "trials").iterdir() if not (d / "result.json").is_file()]
+    assert len(partial) == 1 and json.loads((partial[0] / "checkpoints" / "last.json").read_text())["step"] == 3
+    summary = run_autokd(tiny["cfg"], _opts(), out, quiet=True)
+    assert _history(out) == _history(tiny["root"] / "full")       # the resumed trial scored exactly the same
+    assert summary["best_value"] == tiny["full"]["best_value"]
+
+
+@pytest.fixture(scope="module")
+def proxy_setup(tiny: dict):   # noqa: ANN201
+    opts = replace(_opts(), proxy_steps=6, eval_every=2, patience=3, sparsity=0.5)
+    return setup_autokd(tiny["cfg"], opts, tiny["root"] / "proxy", quiet=True)
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    with (run / "metrics.csv").open() as f:
+        return [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in csv.DictReader(f)]
+
+
+def test_interrupted_trial_resumes_exactly_and_finished_trials_are_read(proxy_setup, tmp_path: Path) -> None:   # noqa: ANN001
+    base = proxy_setup.proxy
+    cand = proxy_setup.candidate(("feat3", "none", "none", "none", "mse", None, 0.5))
+    whole = Proxy(base.cfg, base.pdata, base.opts, tmp_path / "whole").run(cand)
+    proxy = Proxy(base.cfg, base.pdata, base.opts, tmp_path / "cut")
+    run = tmp_path / "cut" / proxy.trial_key(cand)
+    settings = replace(proxy.settings, trainer=replace(proxy.settings.trainer, stop_after_steps=3))
+    assert Trainer(settings, run, task=proxy.task(cand), quiet=True).fit() == {"stopped_at_step": 3}
+    resumed = proxy.run(cand)
+    assert resumed.run_dir == str(run)
+    assert {**resumed.attrs(), "seconds": 0, "run_dir": ""} == {**whole.attrs(), "seconds": 0, "run_dir": ""}
+    assert _rows(run) == _rows(Path(whole.run_dir)) and len(_rows(run)) == 3
+    # the sparsity masks hold after every step: masked weights are still zero at the end
+    weights = load_checkpoint(run / "checkpoints", "last")[0]
+    masks = sparsity_masks(proxy.build_student(), 0.5, proxy.opts.seed)
+    assert masks and all(float(weights[f"student.{k}.weight"][m == 0].abs().sum()) == 0 for k, m in masks.items())
+    calls: list[str] = []
+    hook = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
+    try:
+        again = proxy.run(cand)              # finished: read from result.json, nothing runs
+    finally:
+        hook.remove()
+    assert calls == [] and again.reward == whole.reward and again.weights == whole.weights
+
+
+def test_patience_schedule_and_dot_mapping(proxy_setup) -> None:   # noqa: ANN001
+    base = proxy_setup.proxy
+    cand = proxy_setup.candidate(("logits", "none", "none", "none", "kl", 4.0, 0.9))
+    proxy = Proxy(base.cfg, base.pdata, replace(base.opts, proxy_steps=20, eval_every=2, patience=2))
+    task = proxy.task(cand)
+    stops = [task.should_stop(e, {"reward": r, "ce": 1.0, "cka": 0.5, "top1": 10.0})
+             for e, r in enumerate([-3.0, -3.2, -2.9, -3.1, -3.0])]
+    assert stops == [False, False, False, False, True]
+    assert (task.scores()["reward"], task.scores()["best_step"]) == (-2.9, 6)
+    other = proxy.task(cand)
+    other.load_state_dict(task.state_dict())
+    assert other.scores() == task.scores()
+    # the Trainer's per-step cosine over proxy_steps is the card's lr decay
+    s = base.settings
+    steps, every = base.opts.proxy_steps, base.opts.eval_every
+    assert (s.trainer.epochs, s.trainer.eval_every) == (3, 1)
+    assert [lr_factor(s.schedule, k, every, s.trainer.epochs) for k in range(steps)] == pytest.approx(
+        [0.5 * (1 + math.cos(math.pi * k / steps)) for k in range(steps)])
+    dot = replace(base.cfg, optim=replace(base.cfg.optim, name="dot"))
+    assert Proxy(dot, base.pdata, base.opts).settings.optim.name == "sgd"
+
+
+def test_diverging_trial_is_scored_not_raised(proxy_setup, tmp_path: Path) -> None:   # noqa: ANN001
+    base = proxy_setup.proxy
+    cand = proxy_setup.candidate(("logits", "none", "none", "none", "kl", 4.0, 0.9))
+    wild = Proxy(replace(base.cfg, optim=replace(base.cfg.optim, lr=1e6)), base.pdata, base.opts, tmp_path)
+    result = wild.run(cand)
+    saved = json.loads((Path(result.run_dir) / "result.json").read_text())
+    assert "non-finite" in saved["diverged"] and result.reward == saved["reward"] == -1e6
+    assert wild.run(cand).reward == -1e6                  # read back, not retrained

@@ -72,7 +72,8 @@ def test_diverging_run_stops_naming_step_and_term_and_every_json_stays_valid(tmp
     err = _one_line_error(capsys, ["train", str(_cfg(tmp_path)), "optim.lr=1e12", "--out", str(run)])
     assert "became non-finite at step" in err and "'ce'" in err
     for path in run.rglob("*.json"):
-        json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path} holds {c}"))
+        text = path.read_text()
+        json.loads(text, parse_constant=lambda c, where=str(path): pytest.fail(f"{where} holds {c}"))
 
 
 def test_overrides_mix_with_options_in_any_order(tmp_path: Path) -> None:

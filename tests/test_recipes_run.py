@@ -29,7 +29,8 @@ TINY = ["data.args.num_train=64", "data.args.num_test=32", "data.args.image_size
 def _tiny(path: Path) -> list[str]:
     cfg = load_config(path)
     data = [] if cfg.data.name.startswith("procedural") else [
-        "data.name=procedural_cifar", "data.root=null", "data.args={num_classes: 10, num_superclasses: 2, cache: false}"]
+        "data.name=procedural_cifar", "data.root=null",
+        "data.args={num_classes: 10, num_superclasses: 2, cache: false}"]
     if cfg.data.name == "procedural_cifar_lt":
         data = ["data.args.imbalance_factor=4", "data.args.num_classes=4", "data.args.num_superclasses=2"]
     return [*data, *TINY]
