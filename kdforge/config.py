@@ -289,14 +289,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         apply_override(tree, keys, value)
     if overrides:
         source += " + overrides"
+    cfg = from_dict(RunConfig, tree, source)
+    validate(cfg, source)
     if path is not None:
         missing = [k for k in ("data", "student") if not tree.get(k)]
         if missing:     # the defaults are a paper-scale CIFAR recipe: never launch it by omission
             raise ConfigError(f"{source}: a run config must name its {' and '.join(missing)} "
                               "(e.g. data: {name: procedural_cifar}, student: {name: convnet}); "
                               "see configs/quickstart/ for small complete recipes")
-    cfg = from_dict(RunConfig, tree, source)
-    validate(cfg, source)
     return cfg
 
 

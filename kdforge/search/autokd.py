@@ -14,6 +14,8 @@ training-free: softmax over layers (per teacher) / over teachers of the initial 
 gap 1 - CKA(untrained student, teacher) on the validation split, temperature `weight_tau`.
 
 Output in `out`: ``search.db`` (the study, unless --storage), ``cache/`` (teacher outputs),
+``trials/<candidate key>/`` (each proxy training: an ordinary Trainer run directory, resumed when
+an interrupted search asks for the same candidate again; the trial's ``run_dir`` attribute names it),
 ``best.yaml`` (a normal RunConfig: CE + the searched terms with their measured weights, run it
 with ``kdforge train out/best.yaml``) and ``best.json`` (the path, reward parts, weights).
 Options: kdforge.search.options.AutoKDOptions (``X.search.yaml`` next to the config, or
@@ -93,7 +95,7 @@ def setup_autokd(cfg: RunConfig, opts: AutoKDOptions, out: Path, quiet: bool = F
     teachers = _load_teachers(cfg, data.train.num_classes, c)
     t_taps = sorted({t for t in opts.layers.values()} | {opts.cka_tap})
     pdata = prepare_proxy(cfg, data, teachers, {tid: t_taps for tid in teachers}, opts, out / "cache", quiet)
-    proxy = Proxy(cfg, pdata, opts)
+    proxy = Proxy(cfg, pdata, opts, out / "trials")
     student = proxy.build_student()
     s_taps = sorted({s for s in opts.layers} | ({opts.cka_tap} - {LOGITS}))
     with FeatureTap(student, s_taps) as tap:

@@ -15,50 +15,63 @@ option"); the measured weights are what the written recipe uses.
 
 Reward = -(validation CE + gamma * (1 - linear CKA(student, teacher features on validation))),
 the best value over the proxy's evaluations.
+
+Every trial is an ordinary run of the one Trainer (`kdforge.search.proxy_task.ProxyTask`) in its
+own directory ``<trials>/<candidate key>/`` (config.yaml, metrics.csv, checkpoints/, result.json):
+a trial stopped half-way resumes from its checkpoint when the search asks for the same
+candidate again, a finished one is read from its result.json instead of retrained, and a lock
+file keeps two processes sharing the directory from training the same candidate at once (the
+second waits and reads the first's result). The key is the decision path plus a digest of
+everything that determines the outcome (terms, options, student, optimizer, data, teacher
+caches), so a directory is never reused for another setting. The optimizer and a per-step
+cosine schedule over `proxy_steps` come from the run config (DOT, which needs loss groups the
+search does not tune, becomes SGD with DOT's momentum); a non-finite loss (the Trainer's
+`NonFiniteLoss`) ends the trial with the best evaluation so far, or reward -1e6 before the first.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
+import hashlib
+import json
 import math
+import re
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+import yaml
 from torch import Tensor, nn
 
-from kdforge.config import RunConfig
+from kdforge.config import RunConfig, ScheduleConfig, TrainerConfig, to_dict
 from kdforge.data.base import ImageTensors
 from kdforge.data.cache import TeacherCache, build_teacher_cache, cache_expectation
-from kdforge.data.transforms import apply_crop_flip, to_normalized
-from kdforge.distill.terms import LOGITS, Term, term_from_config
+from kdforge.distill.terms import LOGITS
 from kdforge.errors import KdforgeError
-from kdforge.losses.base import LossContext
-from kdforge.models.taps import FeatureTap
 from kdforge.search.autokd_space import Candidate
-from kdforge.search.cka import linear_cka
 from kdforge.search.options import AutoKDOptions
+from kdforge.search.proxy_task import (  # noqa: F401  (re-exported: the proxy's public helpers)
+    ProxyData,
+    ProxyTask,
+    apply_masks,
+    sparsity_masks,
+    student_features,
+)
 from kdforge.train.build import RunData, build_model
-from kdforge.train.optim import build_optimizer
-from kdforge.train.trainer import epoch_order
+from kdforge.train.checkpoint import atomic_write_text
+from kdforge.train.log import json_safe
+from kdforge.train.stages import LoopConfig, loop_settings, run_stage
 
-_WEIGHT_RANGE = (1e-4, 1e4)
+__all__ = ["Proxy", "ProxyData", "ProxyResult", "apply_masks", "prepare_proxy", "sparsity_masks",
+           "student_features", "subset_rows"]
 
-
-@dataclass
-class ProxyData:
-    """What every proxy run shares: the subset, its teacher caches, validation teacher features."""
-
-    train: ImageTensors
-    val: ImageTensors
-    caches: dict[str, TeacherCache]
-    val_teacher: dict[str, dict[str, Tensor]]
-    crop_padding: int
-    flip: bool
+# options that steer the search, not a proxy run: they stay out of a trial's directory key
+_SEARCH_ONLY = ("trials", "exploration", "study_name")
 
 
 @dataclass
@@ -67,15 +80,16 @@ class ProxyResult:
     val_ce: float
     cka: float
     val_top1: float
-    steps: int
+    steps: int                     # the step of the best evaluation
     ce_weight: float
     weights: dict[str, float] = field(default_factory=dict)    # term name -> normalised weight
     seconds: float = 0.0
+    run_dir: str = ""              # the trial's run directory (kept unless the proxy has no trials dir)
 
     def attrs(self) -> dict[str, Any]:
         return {"reward": self.reward, "val_ce": self.val_ce, "cka": self.cka, "val_top1": self.val_top1,
                 "steps": self.steps, "ce_weight": self.ce_weight, "weights": self.weights,
-                "seconds": round(self.seconds, 3)}
+                "seconds": round(self.seconds, 3), "run_dir": self.run_dir}
 
 
 def subset_rows(n: int, fraction: float, seed: int, minimum: int) -> Tensor:
@@ -119,187 +133,123 @@ def prepare_proxy(cfg: RunConfig, data: RunData, teachers: dict[str, nn.Module],
     return ProxyData(train, data.eval, caches, val_teacher, aug.crop_padding, aug.flip)
 
 
-def _teacher_shape(cache: TeacherCache, tap: str, n: int = 2) -> tuple[int, ...]:
-    key = LOGITS if tap == LOGITS else f"tap.{tap}"
-    return (n, *cache.manifest["shapes"][key])
+@contextlib.contextmanager
+def _trial_lock(run_dir: Path) -> Iterator[None]:
+    """Exclusive lock on a trial directory across processes (released when its holder exits or dies)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:        # no advisory locks on this platform: one process per trials directory
+        yield
+        return
+    with open(run_dir / "trial.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def sparsity_masks(model: nn.Module, sparsity: float, seed: int) -> dict[str, Tensor]:
-    """Fixed random masks keeping 1 - sparsity of every conv / linear weight (the card's sparse proxy)."""
-    if sparsity <= 0:
-        return {}
-    gen = torch.Generator().manual_seed(int(seed) + 31337)
-    return {name: (torch.rand(m.weight.shape, generator=gen) >= sparsity).to(m.weight.dtype)
-            for name, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
-
-
-@torch.no_grad()
-def apply_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
-    modules = dict(model.named_modules())
-    for name, mask in masks.items():
-        modules[name].weight.mul_(mask)
-
-
-@torch.no_grad()
-def student_features(student: nn.Module, tap: FeatureTap, images: Tensor, mean: Any, std: Any,
-                     names: list[str], batch: int = 256) -> tuple[Tensor, dict[str, Tensor]]:
-    """Student logits and tapped features on un-augmented images (eval mode)."""
-    was = student.training
-    student.eval()
-    logits, feats = [], {n: [] for n in names}
-    for i in range(0, images.shape[0], batch):
-        tap.clear()
-        logits.append(student(to_normalized(images[i:i + batch], mean, std)).float())
-        for n in names:
-            feats[n].append(tap.features[n].float())
-    student.train(was)
-    return torch.cat(logits), {n: torch.cat(v) for n, v in feats.items()}
-
-
-def _cka_feature(name: str, logits: Tensor, feats: dict[str, Tensor]) -> Tensor:
-    return logits if name == LOGITS else feats[name]
+def _number(value: Any) -> float:
+    return math.nan if value is None else float(value)     # result.json stores NaN/inf as null
 
 
 class Proxy:
-    """Runs candidates: `run(candidate) -> ProxyResult`, all under identical conditions."""
+    """Runs candidates: `run(candidate) -> ProxyResult`, all under identical conditions.
 
-    def __init__(self, cfg: RunConfig, pdata: ProxyData, opts: AutoKDOptions) -> None:
+    Each run is a Trainer run of `ProxyTask` in `trials_dir / trial_key(candidate)` (a temporary
+    directory, deleted afterwards, when `trials_dir` is None).
+    """
+
+    def __init__(self, cfg: RunConfig, pdata: ProxyData, opts: AutoKDOptions,
+                 trials_dir: str | Path | None = None) -> None:
         self.cfg, self.pdata, self.opts = cfg, pdata, opts
+        self.trials_dir = Path(trials_dir) if trials_dir is not None else None
         self.num_classes = pdata.train.num_classes
         self.in_channels = pdata.train.image_shape[0]
+        self.settings = self._settings()
+        self._fingerprint = self._setting_digest()
 
     def build_student(self) -> nn.Module:
         torch.manual_seed(self.opts.seed)
         return build_model(self.cfg.student, self.num_classes, self.in_channels, "student")
 
-    def _batch(self, order: Tensor, k: int, bs: int, epoch: int) -> tuple[Tensor, Tensor, Tensor,
-                                                                          dict[str, dict[str, Tensor]]]:
-        p = self.pdata
-        index = order[k * bs:(k + 1) * bs]
-        first = next(iter(p.caches.values()))
-        images = p.train.images[index]
-        if p.crop_padding > 0 or p.flip:
-            v = first.view_params(epoch, index)
-            images = apply_crop_flip(images, v["dx"], v["dy"], v["flip"], p.crop_padding)
-        x = to_normalized(images, p.train.mean, p.train.std)
-        outs = {tid: cache.lookup(epoch, index) for tid, cache in p.caches.items()}
-        return index, x, p.train.labels[index], outs
+    def _settings(self) -> RunConfig:
+        """The Trainer's settings of every trial: optimizer of the run config, cosine over `proxy_steps`."""
+        opts, cfg = self.opts, self.cfg
+        optim = cfg.optim
+        if optim.name == "dot":       # the proxy has no loss groups: plain SGD with DOT's base momentum
+            optim = dataclasses.replace(optim, name="sgd")
+        loop = LoopConfig(epochs=math.ceil(opts.proxy_steps / opts.eval_every), batch_size=cfg.data.batch_size,
+                          optim=optim, schedule=ScheduleConfig(name="cosine"), grad_clip=None, progress=False)
+        base = dataclasses.replace(cfg.trainer, eval_every=1, progress=False, tensorboard=False,
+                                   stop_after_steps=None, amp="none", compile=False, channels_last=False,
+                                   sync_bn=False)
+        return loop_settings(loop, opts.seed, base)
 
-    def _losses(self, student: nn.Module, tap: FeatureTap, terms: list[Term], x: Tensor, y: Tensor,
-                index: Tensor, outs: dict[str, dict[str, Tensor]], step: int) -> tuple[Tensor, list[Tensor]]:
-        tap.clear()
-        logits = student(x)
-        ctx = LossContext(target=y, index=index, student_logits=logits, step=step)
-        values = []
-        for term in terms:
-            s_in = [logits if n == LOGITS else tap.features[n] for n in term.student_taps]
-            t_all = outs[term.teacher_id]
-            ctx.teacher_logits = t_all[LOGITS]
-            values.append(term(s_in, [t_all[n] for n in term.teacher_taps], ctx))
-        return F.cross_entropy(logits, y), values
+    def _setting_digest(self) -> dict[str, Any]:
+        opts = {k: v for k, v in to_dict(self.opts).items() if k not in _SEARCH_ONLY}
+        trainer: TrainerConfig = self.settings.trainer
+        caches = {tid: {k: c.manifest.get(k) for k in ("teacher_hash", "data_hash", "transform", "epochs_k")}
+                  for tid, c in sorted(self.pdata.caches.items())}
+        return {"options": opts, "student": to_dict(self.cfg.student), "data": to_dict(self.cfg.data),
+                "data_seed": self.cfg.trainer.seed, "optim": to_dict(self.settings.optim),
+                "schedule": to_dict(self.settings.schedule), "epochs": trainer.epochs, "caches": caches}
+
+    def _candidate_digest(self, candidate: Candidate) -> dict[str, Any]:
+        return {"path": list(candidate.path), "alpha": candidate.alpha,
+                "terms": [to_dict(t) for t in candidate.terms]}
+
+    def trial_key(self, candidate: Candidate) -> str:
+        """`<decisions>-<digest>`: readable, and different whenever anything that shapes the run differs."""
+        blob = json.dumps({"setting": self._fingerprint, "candidate": self._candidate_digest(candidate)},
+                          sort_keys=True, default=str)
+        slug = re.sub(r"[^A-Za-z0-9._]+", "_", "-".join(str(v) for v in candidate.path)).strip("_")
+        return f"{slug[:80]}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+    def task(self, candidate: Candidate) -> ProxyTask:
+        return ProxyTask(self.pdata, self.opts, candidate, self.build_student, self.cfg.data.batch_size)
+
+    def config_text(self, candidate: Candidate) -> str:
+        """config.yaml of a trial: what it trains and how (the Trainer's settings)."""
+        tree = {"kind": "autokd proxy trial", "candidate": candidate.describe(),
+                **self._candidate_digest(candidate), "setting": self._fingerprint,
+                "trainer": to_dict(self.settings.trainer)}
+        return yaml.safe_dump(json.loads(json.dumps(tree, default=str)), sort_keys=False)
 
     def run(self, candidate: Candidate) -> ProxyResult:
         start = time.time()
-        opts = self.opts
-        student = self.build_student()
-        terms = [term_from_config(tc) for tc in candidate.terms]
-        s_taps = sorted({n for t in terms for n in t.student_taps if n != LOGITS}
-                        | ({opts.cka_tap} if opts.cka_tap != LOGITS else set()))
-        tap = FeatureTap(student, s_taps)
-        try:
-            return self._run(student, tap, terms, candidate, start)
-        finally:
-            tap.remove()
+        if self.trials_dir is None:
+            with tempfile.TemporaryDirectory(prefix="autokd-trial-") as tmp:
+                result = self._run_in(Path(tmp) / self.trial_key(candidate), candidate, start)
+                result.run_dir = ""
+                return result
+        return self._run_in(self.trials_dir / self.trial_key(candidate), candidate, start)
 
-    def _run(self, student: nn.Module, tap: FeatureTap, terms: list[Term], cand: Candidate,
-             start: float) -> ProxyResult:
-        opts, p = self.opts, self.pdata
-        logits, feats = student_features(student, tap, p.train.images[:2], p.train.mean, p.train.std,
-                                         tap.names)
-        for term in terms:
-            s_shapes = [tuple((logits if n == LOGITS else feats[n]).shape) for n in term.student_taps]
-            t_shapes = [_teacher_shape(p.caches[term.teacher_id], n) for n in term.teacher_taps]
-            term.setup(s_shapes, t_shapes, len(p.train))
-        masks = sparsity_masks(student, opts.sparsity, opts.seed)
-        apply_masks(student, masks)
-        bs = min(self.cfg.data.batch_size, len(p.train))
-        per_epoch = max(1, len(p.train) // bs)
-        order = epoch_order(len(p.train), opts.seed, 0)
-        ce_weight, weights = self._normalise(student, tap, terms, cand, order, bs)
-        optim_cfg = self.cfg.optim
-        if optim_cfg.name == "dot":       # the proxy has no loss groups: plain SGD with DOT's base momentum
-            optim_cfg = dataclasses.replace(optim_cfg, name="sgd")
-        params = list(student.parameters()) + [q for t in terms for q in t.parameters()]
-        optimizer = build_optimizer(optim_cfg, params)
-        base = [g["lr"] for g in optimizer.param_groups]
-        best: dict[str, float] | None = None
-        stale = 0
-        student.train()
-        for step in range(opts.proxy_steps):
-            epoch, k = divmod(step, per_epoch)
-            if k == 0:
-                order = epoch_order(len(p.train), opts.seed, epoch)
-            factor = 0.5 * (1 + math.cos(math.pi * step / opts.proxy_steps))
-            for g, b in zip(optimizer.param_groups, base):
-                g["lr"] = b * factor
-            index, x, y, outs = self._batch(order, k, bs, epoch)
-            ce, values = self._losses(student, tap, terms, x, y, index, outs, step)
-            loss = ce * ce_weight + sum(values, torch.zeros(()))
-            if not torch.isfinite(loss):
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            apply_masks(student, masks)
-            if (step + 1) % opts.eval_every == 0 or step + 1 == opts.proxy_steps:
-                ev = self.evaluate(student, tap)
-                ev["steps"] = step + 1
-                if best is None or ev["reward"] > best["reward"]:
-                    best, stale = ev, 0
-                else:
-                    stale += 1
-                    if stale >= opts.patience:
-                        break
-        if best is None:      # diverged before the first evaluation
-            best = self.evaluate(student, tap)
-            best["steps"] = 0
-            if not math.isfinite(best["reward"]):
-                best = {"reward": -1e6, "val_ce": math.inf, "cka": 0.0, "top1": 0.0, "steps": 0}
-        return ProxyResult(reward=best["reward"], val_ce=best["val_ce"], cka=best["cka"],
-                           val_top1=best["top1"], steps=int(best["steps"]), ce_weight=ce_weight,
-                           weights=weights, seconds=time.time() - start)
+    def _run_in(self, run_dir: Path, candidate: Candidate, start: float) -> ProxyResult:
+        from kdforge.train.trainer import Interrupted, NonFiniteLoss
 
-    def _normalise(self, student: nn.Module, tap: FeatureTap, terms: list[Term], cand: Candidate,
-                   order: Tensor, bs: int) -> tuple[float, dict[str, float]]:
-        """Weights from the first batch: alpha * w * CE_0 / D_0 per term; BN statistics left untouched."""
-        snapshot = copy.deepcopy([student.state_dict(), [t.state_dict() for t in terms]])
-        student.train()
-        with torch.no_grad():
-            index, x, y, outs = self._batch(order, 0, bs, 0)
-            ce, values = self._losses(student, tap, terms, x, y, index, outs, 0)
-        student.load_state_dict(snapshot[0])
-        for t, s in zip(terms, snapshot[1]):
-            t.load_state_dict(s)
-        weights = {}
-        for term, value in zip(terms, values):
-            d0 = float(value) / term.weight if term.weight else float(value)
-            scale = float(ce) / d0 if d0 > 0 and math.isfinite(d0) else 1.0
-            term.weight = min(_WEIGHT_RANGE[1], max(_WEIGHT_RANGE[0], cand.alpha * term.weight * scale))
-            weights[term.name] = term.weight
-        return 1.0 - cand.alpha, weights
+        done = run_dir / "result.json"
+        with _trial_lock(run_dir):
+            if done.is_file():        # finished earlier (this search, a resumed one or another worker)
+                return self._result(json.loads(done.read_text()), run_dir, start)
+            task = self.task(candidate)
+            try:
+                stage = run_stage(run_dir, None, self.settings, task, self.config_text(candidate), quiet=True)
+                scores = stage.result
+            except NonFiniteLoss as err:     # diverged: the best evaluation so far, or -1e6 before the first
+                scores = {**task.scores(), "diverged": str(err)}
+                atomic_write_text(done, json.dumps(json_safe(scores), indent=2))
+            except Interrupted:       # Ctrl-C / SIGTERM: the trial saved a checkpoint; the search reports it
+                raise KeyboardInterrupt from None
+            finally:
+                task.close()
+        return self._result(scores, run_dir, start)
 
-    @torch.no_grad()
-    def evaluate(self, student: nn.Module, tap: FeatureTap) -> dict[str, float]:
-        """Validation CE, top-1, CKA to each teacher on `cka_tap` (mean over teachers), reward."""
-        p, opts = self.pdata, self.opts
-        names = [opts.cka_tap] if opts.cka_tap != LOGITS else []
-        logits, feats = student_features(student, tap, p.val.images, p.val.mean, p.val.std, names)
-        ce = float(F.cross_entropy(logits, p.val.labels))
-        top1 = 100.0 * float((logits.argmax(1) == p.val.labels).float().mean())
-        s_feat = _cka_feature(opts.cka_tap, logits, feats)
-        ckas = [float(linear_cka(s_feat, _cka_feature(opts.cka_tap, t[LOGITS], t)))
-                for t in p.val_teacher.values()]
-        cka = sum(ckas) / len(ckas)
-        if not math.isfinite(ce) or not math.isfinite(cka):
-            return {"reward": -1e6, "val_ce": ce, "cka": cka, "top1": top1}
-        return {"reward": -(ce + opts.gamma * (1.0 - cka)), "val_ce": ce, "cka": cka, "top1": top1}
+    @staticmethod
+    def _result(scores: dict[str, Any], run_dir: Path, start: float) -> ProxyResult:
+        return ProxyResult(reward=float(scores["reward"]), val_ce=_number(scores["val_ce"]),
+                           cka=_number(scores["cka"]), val_top1=_number(scores["top1"]),
+                           steps=int(scores["best_step"]), ce_weight=float(scores["ce_weight"]),
+                           weights={k: float(v) for k, v in scores["weights"].items()},
+                           seconds=time.time() - start, run_dir=str(run_dir))
