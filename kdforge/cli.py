@@ -178,6 +178,20 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from kdforge.experiment import run_experiment
+
+    if args.overrides:
+        raise KdforgeError("kdforge experiment takes no a.b=value overrides; put them in the recipe's "
+                           "`overrides:` (or a profile) so the experiment stays reproducible")
+    result = run_experiment(args.recipe, jobs=args.jobs, only=args.only, out=args.out, results=args.results,
+                            profile=args.profile, seeds=args.seeds, report=not args.no_report, quiet=args.quiet)
+    if not args.quiet:
+        print(json.dumps(json_safe({k: result[k] for k in ("id", "verdict", "mean_delta", "ci95", "seeds")
+                                    if k in result} or result), indent=2))
+    return 0
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     from kdforge.data.prepare import prepare, prepare_command
 
@@ -242,6 +256,20 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--trials", type=int, help="trial budget (default: from the search options)")
     search.add_argument("--out", help="search directory (default runs/search-<kind>-<config>)")
     search.set_defaults(fn=_cmd_search)
+
+    exp = sub.add_parser("experiment", help="a method vs its baseline over paired seeds: "
+                         "kdforge experiment configs/experiments/<id>.yaml")
+    exp.add_argument("recipe", help="experiment recipe (arms, seeds, metric, baseline, method, claim)")
+    exp.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
+    exp.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes (default 1)")
+    exp.add_argument("--only", help="run only these cells, e.g. arm=kd,seed=3 or stage=teacher (cluster jobs)")
+    exp.add_argument("--out", help="run root (default runs/experiments/<id>); re-running resumes it")
+    exp.add_argument("--results", help="results JSON (default results/methods/<id>.json; a PNG goes beside it)")
+    exp.add_argument("--profile", help="a profile of the recipe, e.g. paper (the paper's scale)")
+    exp.add_argument("--seeds", type=int, nargs="+", help="replace the recipe's seeds")
+    exp.add_argument("--no-report", action="store_true", help="run cells only; write no results JSON")
+    exp.add_argument("--quiet", action="store_true", help="no progress lines")
+    exp.set_defaults(fn=_cmd_experiment)
 
     methods = sub.add_parser("methods", help="list the methods and baselines with their status")
     methods.add_argument("--json", action="store_true", help="machine-readable list (id, family, paper, status, kind)")
