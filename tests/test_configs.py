@@ -11,7 +11,27 @@ from kdforge.methods.catalog import import_methods
 from kdforge.registry import LOSSES, METHODS, MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not p.name.endswith(".search.yaml"))
+RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yaml")
+                 if not p.name.endswith(".search.yaml") and p.parent.name != "experiments")
+EXPERIMENTS = sorted((ROOT / "configs" / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_experiment_recipe_validates_with_every_profile(path: Path) -> None:
+    from kdforge.experiment.recipe import load_experiment, profile_names
+    from kdforge.experiment.runner import plan
+    from kdforge.train.stages import is_task_recipe, recipe_tree
+
+    for profile in [None, *profile_names(load_yaml(path))]:
+        cfg = load_experiment(path, profile)
+        assert len(cfg.seeds) >= 5, "evidence needs >= 5 paired seeds"
+        stages, arms = plan(cfg, Path("/nonexistent"))
+        for cell in [*stages, *arms]:       # every cell's recipe + overrides is a valid config
+            overrides = [o for o in cell.overrides if "/nonexistent" not in o]
+            if is_task_recipe(cell.recipe):
+                recipe_tree(cell.recipe, overrides)
+            else:
+                load_config(cell.recipe, overrides)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT / "configs")) for p in RECIPES])

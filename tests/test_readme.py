@@ -37,3 +37,4 @@ def test_offline_quickstart_runs_as_written(tmp_path: Path) -> None:
         assert proc.returncode == 0, f"{command}\n{proc.stderr[-1500:]}"
     for run in ("qs-teacher", "qs-student", "qs-kd", "qs-dkd", "qs-kd-cached", "qs-resume", "wad"):
         assert (tmp_path / "runs" / run / "result.json").is_file(), run
+    assert (tmp_path / "results/experiments/quickstart_kd.json").is_file()
