@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT))
 from kdforge.experiment.report import render_table  # noqa: E402
 from kdforge.train.checkpoint import atomic_write_bytes, atomic_write_text  # noqa: E402
 
+
 def load_rows(directory: Path) -> list[dict]:
     rows = []
     for path in sorted(directory.glob("*.json")):
