@@ -325,6 +325,12 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         if term.teacher is not None and term.group == "distill" and term.teacher_id not in teachers:
             raise ConfigError(f"{source}: terms.{i} ({term.loss}) reads teacher '{term.teacher_id}' "
                               f"but the config defines no such teacher")
+    if cfg.optim.name == "dot" and cfg.optim.nesterov:
+        raise ConfigError(f"{source}: optim.nesterov is not supported by DOT (its two momentum buffers follow the "
+                          "paper's plain heavy-ball update); set optim.nesterov=false")
+    if cfg.optim.name == "dot" and cfg.trainer.grad_clip:
+        raise ConfigError(f"{source}: trainer.grad_clip is not supported with optim.name=dot (DOT steps the task "
+                          "and distillation gradients separately); drop trainer.grad_clip")
     if cfg.optim.name == "dot" and not cfg.method.name and not any(t.group == "distill" for t in cfg.terms):
         raise ConfigError(f"{source}: optim.name=dot needs at least one term with group 'distill'")
 

@@ -41,6 +41,8 @@ def test_two_process_gloo_matches_one_process(tmp_path: Path) -> None:
     assert one.returncode == 0, one.stderr[-2000:]
     two = _train(cfg, tmp_path / "two", 2)
     assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count('"test_top1"') == 1            # the result is printed once, by rank 0
+    assert "FutureWarning" not in two.stderr
     w1 = load_tensors(tmp_path / "one/checkpoints/last.safetensors")
     w2 = load_tensors(tmp_path / "two/checkpoints/last.safetensors")
     assert w1.keys() == w2.keys()

@@ -427,3 +427,13 @@ def test_trainer_with_optim_dot_follows_the_rule(tmp_path) -> None:
     # Sensitivity: the same run with delta = 0 (plain momentum on the summed gradient) ends elsewhere.
     plain = run(0.0)
     assert not torch.allclose(plain["student.fc.weight"], got["student.fc.weight"], atol=1e-5)
+
+
+@pytest.mark.parametrize("option", ["optim.nesterov=true", "trainer.grad_clip=1.0"])
+def test_options_dot_cannot_honour_are_refused_in_one_line(option: str) -> None:
+    from kdforge.config import load_config
+    from kdforge.errors import ConfigError
+
+    terms = "terms=[{loss: ce, teacher: null, group: task}, {loss: ce, name: ce2, teacher: null, group: distill}]"
+    with pytest.raises(ConfigError, match=option.split("=")[0].replace(".", r"\.") + " is not supported"):
+        load_config(None, ["optim.name=dot", terms, option])
