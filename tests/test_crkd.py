@@ -1,6 +1,7 @@
 """CrKD: relation KD and its learnable weight against hand computations; the NCD setting's pieces;
 the two-stage recipe through the one Trainer (exact resume, run directory, shared pretraining)."""
 
+import copy
 import json
 import math
 from dataclasses import replace
@@ -243,3 +244,25 @@ def test_cli_writes_a_complete_run_and_pretraining_is_shared(tmp_path, capsys):
     cfg.pretrain_seed = 1
     with pytest.raises(KdforgeError, match="pretrain_seed"):
         run_crkd(cfg, tmp_path / "bad", trainer=quiet, pretrain_from=run)
+
+
+def test_relation_kd_reads_the_large_crops_only():
+    """Official CrKD distils on the large crops (the views that make the targets), not every view."""
+    from kdforge.tasks.ncd.train import DiscoveryModule
+    from kdforge.tasks.ncd.views import NCDBatch, NCDSpec
+
+    torch.manual_seed(0)
+    net = discovery_net("convnet", 2, 2, num_heads=2, hidden_dim=8, proj_dim=4, backbone_args={"width": 4})
+    seen = []
+
+    def spy(views, outputs, labelled):
+        seen.append((len(views), outputs["logits_lab"].shape[0], outputs["logits_unlab"].shape[0]))
+        return outputs["logits_lab"].sum() * 0.0, {}
+
+    spec = NCDSpec(num_views=3, num_large=2)
+    module = DiscoveryModule(net, copy.deepcopy(net), spec, spy)
+    views = [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    batch = NCDBatch(views=views, labels=torch.tensor([0, 2, 1, 3]), labelled=torch.tensor([True, False, True, False]),
+                     index=torch.arange(4))
+    module(batch)
+    assert seen == [(2, 2, 2)]

@@ -109,8 +109,10 @@ class DiscoveryModule(TaskModule):
         per_head = swapped_prediction_loss(logits, targets, spec.temperature)
         losses, groups = {"cluster": per_head.mean()}, {"cluster": "task"}
         extras = {"head_loss": per_head.detach().float()}
-        if self.term is not None:
-            extra, logs = self.term(batch.views, {"logits_lab": lab, "logits_unlab": unlab}, batch.labelled)
+        if self.term is not None:     # distillation reads the large crops only, as the targets do (official CrKD)
+            big = spec.num_large
+            extra, logs = self.term(batch.views[:big], {"logits_lab": lab[:big], "logits_unlab": unlab[:big]},
+                                    batch.labelled)
             losses["rkd"], groups["rkd"] = extra, "distill"
             extras.update(logs)
         return Step(outputs=logits.detach(), losses=losses, groups=groups, extras=extras)
