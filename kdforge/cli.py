@@ -181,11 +181,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from kdforge.experiment import run_experiment
 
-    if args.overrides:
-        raise KdforgeError("kdforge experiment takes no a.b=value overrides; put them in the recipe's "
-                           "`overrides:` (or a profile) so the experiment stays reproducible")
     result = run_experiment(args.recipe, jobs=args.jobs, only=args.only, out=args.out, results=args.results,
-                            profile=args.profile, seeds=args.seeds, report=not args.no_report, quiet=args.quiet)
+                            profile=args.profile, seeds=args.seeds, report=not args.no_report, quiet=args.quiet,
+                            overrides=args.overrides)
     if not args.quiet:
         print(json.dumps(json_safe({k: result[k] for k in ("id", "verdict", "mean_delta", "ci95", "seeds")
                                     if k in result} or result), indent=2))
@@ -260,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("experiment", help="a method vs its baseline over paired seeds: "
                          "kdforge experiment configs/experiments/<id>.yaml")
     exp.add_argument("recipe", help="experiment recipe (arms, seeds, metric, baseline, method, claim)")
-    exp.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
+    exp.add_argument("overrides", nargs="*", help="a.b=value overrides for every arm (recorded in the results)")
     exp.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes (default 1)")
     exp.add_argument("--only", help="run only these cells, e.g. arm=kd,seed=3 or stage=teacher (cluster jobs)")
     exp.add_argument("--out", help="run root (default runs/experiments/<id>); re-running resumes it")

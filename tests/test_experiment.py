@@ -141,3 +141,11 @@ def test_bad_only_and_missing_stage_fail_in_one_line(recipe: Path, tmp_path: Pat
     assert "stage teacher is not finished; run it first" in err and "--only stage=teacher" in err
     assert main(["experiment", str(recipe), "--only", "arms=kd"]) == 2
     assert "expected comma-separated" in capsys.readouterr().err
+
+
+def test_command_line_overrides_reach_every_arm_and_are_recorded(recipe: Path, tmp_path: Path) -> None:
+    report = run_experiment(recipe, out=tmp_path / "r", results=tmp_path / "r.json", quiet=True, seeds=[0, 1],
+                            overrides=["trainer.epochs=2"])
+    steps = {json.loads(p.read_text())["steps"] for p in (tmp_path / "r").glob("*/seed*/result.json")}
+    assert steps == {8} and report["cli_overrides"] == ["trainer.epochs=2"]
+    assert json.loads((tmp_path / "r/stages/teacher/result.json").read_text())["epochs"] == 2   # its own recipe

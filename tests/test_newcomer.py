@@ -125,3 +125,17 @@ def test_data_set_without_options_says_so(tmp_path: Path, capsys) -> None:
     cfg = _cfg(tmp_path, "data: {name: cifar10, root: nowhere, args: {size: 3}}\nstudent: {name: mlp}\n")
     err = _one_line_error(capsys, ["train", str(cfg), "--out", str(tmp_path / "run")])
     assert not err.rstrip().endswith(":") and "has no option 'size'; it takes no options" in err
+
+
+def test_overrides_mix_with_options_for_search_cache_and_experiment(tmp_path: Path, capsys) -> None:
+    from kdforge.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["search", "boss", "cfg.yaml", "--trials", "2", "a.b=1", "--out", "o", "c.d=2"],
+                 ["cache", "cfg.yaml", "--out", "o", "a.b=1", "--epochs", "2", "c.d=2"],
+                 ["experiment", "exp.yaml", "--jobs", "2", "a.b=1", "--only", "arm=x", "c.d=2"],
+                 ["train", "cfg.yaml", "--out", "o", "a.b=1", "c.d=2"]):
+        args, unknown = parser.parse_known_args(argv)
+        assert [*args.overrides, *unknown] == ["a.b=1", "c.d=2"], argv
+    with pytest.raises(SystemExit):          # an unknown option is still a usage error
+        main(["train", str(_cfg(tmp_path)), "--out", str(tmp_path / "r"), "--bogus"])

@@ -19,7 +19,7 @@ __all__ = ["ExperimentConfig", "load_experiment", "run_experiment"]
 
 def run_experiment(path: str | Path, jobs: int = 1, only: str | None = None, out: str | Path | None = None,
                    results: str | Path | None = None, profile: str | None = None, seeds: list[int] | None = None,
-                   report: bool = True, quiet: bool = False) -> dict[str, Any]:
+                   report: bool = True, quiet: bool = False, overrides: list[str] | None = None) -> dict[str, Any]:
     """Run the unfinished cells of the experiment (all, or those `only` selects) and write its report.
 
     Returns the report (also written to `results`, default results/methods/<id>.json, once every
@@ -28,12 +28,16 @@ def run_experiment(path: str | Path, jobs: int = 1, only: str | None = None, out
     if jobs < 1:
         raise KdforgeError(f"--jobs must be >= 1, got {jobs}")
     cfg = load_experiment(path, profile, seeds)
+    extra = list(overrides or [])
+    if any("=" not in o for o in extra):
+        raise KdforgeError(f"experiment overrides must look like key.sub=value, got {extra}")
+    cfg.overrides = [*cfg.overrides, *extra]       # every arm (not the stages); recorded in the report
     default_root = Path("runs") / "experiments" / (cfg.id + (f"-{profile}" if profile else ""))
     root = Path(out) if out is not None else default_root
     stages, arms = plan(cfg, root)
     selection = parse_only(only)
     log = (lambda _msg: None) if quiet else (lambda msg: print(msg, flush=True))
-    spawn = (lambda c: _subprocess(c, Path(path), root, profile, cfg.seeds)) if jobs > 1 else None
+    spawn = (lambda c: _subprocess(c, Path(path), root, profile, cfg.seeds, extra)) if jobs > 1 else None
     if selection:
         wanted = select([*stages, *arms], selection)
         if not wanted:
@@ -55,6 +59,7 @@ def run_experiment(path: str | Path, jobs: int = 1, only: str | None = None, out
     if len(done) < len(stages) + len(arms) or not report:
         return status
     result = build_report(cfg, stages, arms, profile)
+    result["cli_overrides"] = extra
     target = Path(results) if results else Path(cfg.results or f"results/methods/{cfg.id}.json")
     write_report(result, target)
     log(f"{cfg.method} - {cfg.baseline} on {cfg.metric}: mean {result['mean_delta']:+.3f}, 95% CI "

@@ -134,12 +134,13 @@ def _in_process(cell: Cell) -> None:
         train_run(cell.recipe, cell.overrides, cell.out)
 
 
-def _subprocess(cell: Cell, experiment: Path, root: Path, profile: str | None, seeds: list[int]) -> None:
+def _subprocess(cell: Cell, experiment: Path, root: Path, profile: str | None, seeds: list[int],
+                overrides: list[str]) -> None:
     only = f"stage={cell.name}" if cell.kind == "stage" else f"arm={cell.name}"
     if cell.seed is not None:
         only += f",seed={cell.seed}"
     argv = [sys.executable, "-m", "kdforge.cli", "experiment", str(experiment), "--only", only, "--out", str(root),
-            "--no-report", "--quiet", "--seeds", *[str(s) for s in seeds]]
+            "--no-report", "--quiet", "--seeds", *[str(s) for s in seeds], *overrides]
     if profile:
         argv += ["--profile", profile]
     env = {"OMP_NUM_THREADS": "1", **os.environ}
