@@ -5,9 +5,11 @@ resnet8x4 student; `plain` = CE only, `online` = CE 0.1 + KD 0.9 from a resnet32
 CPU thread, in separate processes that take turns round-robin, so background load hits both
 alike. A step is timed as the interval between the starts of consecutive `Trainer.train_step`
 calls: the whole loop iteration (batch building by the task, forward, backward, optimizer step,
-bookkeeping). The first steps of each process are warm-up and not counted. Ratios are
+bookkeeping). The first steps of each process are warm-up and not counted. `pipeline` times
+batch building alone (ms per batch of 64 over an epoch of the trainer's batches: the old
+`Trainer.make_batch` loop vs `ClassificationTask.batches`). Ratios are
 `this checkout / reference`, the median over rounds, with the per-round min and max. The last
-line is ``new_vs_ref_plain=<ratio> new_vs_ref_online=<ratio>``. Writes results/trainer_vs_ref.md.
+line is ``new_vs_ref_pipeline=<r> new_vs_ref_plain=<r> new_vs_ref_online=<r>``. Writes results/trainer_vs_ref.md.
 
     python benchmarks/trainer_vs_ref.py                 # against 4f77757, 5 rounds of 16 steps
     python benchmarks/trainer_vs_ref.py --ref HEAD~3 --rounds 3 --quick
@@ -48,6 +50,21 @@ if variant == "online":
                "terms=[{loss: ce, teacher: null, group: task, weight: 0.1},"
                " {loss: kd, args: {temperature: 4.0}, weight: 0.9}]"]
 trainer = Trainer(load_config(None, common), out, quiet=True)
+if variant == "pipeline":        # batch building only: one epoch of the trainer's batches, 3 times
+    from kdforge.train.trainer import epoch_order, epoch_slices
+    per = []
+    for epoch in range(3):
+        t0 = time.perf_counter()
+        if hasattr(trainer, "task"):
+            n = sum(b.images.shape[0] for b in trainer.task.batches(epoch, 0, trainer.env))
+        else:
+            order = epoch_order(len(trainer.data.train), 0, epoch)
+            slices = epoch_slices(0, trainer.steps_per_epoch, 64)
+            n = sum(trainer.make_batch(i, epoch, k, x, y).images.shape[0]
+                    for k, (x, y, i) in enumerate(trainer.source.epoch(order, slices)))
+        per.append(1000 * (time.perf_counter() - t0) / (n / 64))
+    print(json.dumps({"ms_per_step": statistics.median(per)}))
+    raise SystemExit
 starts = []
 inner = trainer.train_step
 def timed(batch):
@@ -101,7 +118,7 @@ def main() -> None:
               str(teacher))
     times: dict[tuple[str, str], list[float]] = {}
     for r in range(rounds):
-        for variant in ("plain", "online"):
+        for variant in ("pipeline", "plain", "online"):
             for name, tree in (("ref", ref_tree), ("new", ROOT)):
                 ms = run_child(tree, variant, teacher, steps, warm, work)
                 times.setdefault((name, variant), []).append(ms)
@@ -113,7 +130,7 @@ def main() -> None:
              "| variant | ref ms/step | new ms/step | new/ref median | per-round min | per-round max |",
              "|---|---|---|---|---|---|"]
     summary = []
-    for variant in ("plain", "online"):
+    for variant in ("pipeline", "plain", "online"):
         ref, new = times[("ref", variant)], times[("new", variant)]
         ratios = [n / r for n, r in zip(new, ref)]
         med = statistics.median(ratios)
