@@ -163,14 +163,19 @@ class ClassificationTask(Task):
     def evaluate(self, module: nn.Module, split: str, env: DistEnv,
                  autocast: Autocast | None = None) -> dict[str, float]:
         """top1/top5/loss; each rank evaluates its shard of the split and counts are summed."""
-        data = {"test": self.data.test, "val": self.data.eval, self.data.eval_name: self.data.eval}[split]
+        data = {"train": self.data.train, "test": self.data.test, "val": self.data.eval,
+                self.data.eval_name: self.data.eval}[split]
         counts = evaluate_counts(module.eval_model(), data, self.prepare, self.cfg.data.eval_batch_size,
                                  self.device, autocast, shard=(env.rank, env.world), workers=self.cfg.data.workers)
         return rates(env.all_reduce_sum(counts))
 
     def result(self, module: nn.Module, env: DistEnv, autocast: Autocast | None = None) -> dict[str, Any]:
+        """Test metrics of the final weights, and its CE on the un-augmented training split (the fit a
+        distillation term trades against: DOT's premise reads it)."""
         final = self.evaluate(module, "test", env, autocast)
-        return {"test_top1": final["top1"], "test_top5": final["top5"], "test_loss": final["loss"]}
+        fit = self.evaluate(module, "train", env, autocast)
+        return {"test_top1": final["top1"], "test_top5": final["top5"], "test_loss": final["loss"],
+                "final_train_loss": fit["loss"], "final_train_top1": fit["top1"]}
 
     def describe(self) -> dict[str, Any]:
         return {"student": self.cfg.student.name,
