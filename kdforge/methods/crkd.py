@@ -209,7 +209,7 @@ class CrKD:
         text = yaml.safe_dump(tree, sort_keys=False)
         tree, trainer = split_trainer(tree, source)
         cfg = load_task_config(CrKDConfig, tree, name=source)
-        return run_crkd(cfg, run_dir, trainer=trainer, config_text=text)
+        return run_crkd(cfg, run_dir, trainer=trainer, pretrain_from=cfg.pretrain_from, config_text=text)
 
 
 class CrKDTask(DiscoveryTask):
@@ -291,6 +291,7 @@ class CrKDConfig:
         )
     )
     crkd: CrKDArgs = field(default_factory=CrKDArgs)
+    pretrain_from: str | None = None   # another CrKD run whose stages/pretrain is shared (the experiment's stage)
 
     def check(self) -> None:
         if self.method != "crkd":
