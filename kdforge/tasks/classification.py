@@ -175,7 +175,29 @@ class ClassificationTask(Task):
         final = self.evaluate(module, "test", env, autocast)
         fit = self.evaluate(module, "train", env, autocast)
         return {"test_top1": final["top1"], "test_top5": final["top5"], "test_loss": final["loss"],
-                "final_train_loss": fit["loss"], "final_train_top1": fit["top1"]}
+                "final_train_loss": fit["loss"], "final_train_top1": fit["top1"], **self._long_tail(module)}
+
+    @torch.no_grad()
+    def _long_tail(self, module: nn.Module) -> dict[str, float]:
+        """Many/medium/few-shot test accuracy when the training split is long-tailed (max/min count >= 4),
+        with the CIFAR-LT thresholds scaled to the head class's size."""
+        from kdforge.data.base import ImageTensors
+        from kdforge.train.longtail_metrics import many_medium_few_accuracy, scaled_shot_thresholds
+
+        train, test = self.data.train, self.data.test
+        if not isinstance(train, ImageTensors) or not isinstance(test, ImageTensors):
+            return {}
+        counts = torch.bincount(train.labels.cpu(), minlength=train.num_classes)
+        if int(counts.min()) == 0 or int(counts.max()) < 4 * int(counts.min()):
+            return {}
+        net = module.eval_model()
+        was = net.training
+        net.eval()
+        logits = torch.cat([net(self.prepare(test.images[i:i + 500])).float().cpu() for i in range(0, len(test), 500)])
+        net.train(was)
+        many, few = scaled_shot_thresholds(int(counts.max()))
+        groups = many_medium_few_accuracy(logits, test.labels.cpu(), counts.tolist(), many, few)
+        return {f"test_{k}_top1": v for k, v in groups.items() if k in ("many", "medium", "few")}
 
     def describe(self) -> dict[str, Any]:
         return {"student": self.cfg.student.name,
