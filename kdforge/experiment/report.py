@@ -60,7 +60,7 @@ def premise(cfg: ExperimentConfig, stages: list[Cell], arms: list[Cell]) -> dict
 def build_report(cfg: ExperimentConfig, stages: list[Cell], arms: list[Cell], profile: str | None) -> dict[str, Any]:
     """The results JSON (the schema every method shares)."""
     by_arm: dict[str, dict[int, float]] = {a: {} for a in cfg.arms}
-    wall = 0.0
+    wall = cpu = 0.0
     for cell in arms:
         value = _value(cell, cfg.metric)
         if value is not None and cell.seed is not None:
@@ -68,6 +68,7 @@ def build_report(cfg: ExperimentConfig, stages: list[Cell], arms: list[Cell], pr
     for cell in [*stages, *arms]:
         if cell.done:
             wall += float(cell.result().get("wall_time_s") or 0.0)
+            cpu += float(cell.result().get("cpu_time_s") or 0.0)
     summary = paired_summary(cfg.seeds, by_arm[cfg.baseline], by_arm[cfg.method], cfg.claimed_direction)
     arms_table = {}
     for arm, values in by_arm.items():
@@ -91,6 +92,7 @@ def build_report(cfg: ExperimentConfig, stages: list[Cell], arms: list[Cell], pr
         "recipe": cfg.source,
         "notes": cfg.notes,
         "train_wall_time_s": round(wall, 1),
+        "train_cpu_time_s": round(cpu, 1),     # this process's CPU time per run (not DataLoader workers)
         "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
     }
 

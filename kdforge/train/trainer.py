@@ -277,6 +277,7 @@ class Trainer:
             atomic_write_text(self.run_dir / "config.yaml", self.config_text or dump_config(cfg))
         tb = TensorBoard(self.run_dir / "tensorboard", cfg.trainer.tensorboard and self.env.is_main)
         start = time.time()
+        self._cpu_start = time.process_time()
         try:
             with self._stops:
                 while self.epoch < cfg.trainer.epochs and not self.stopped_early:
@@ -409,6 +410,7 @@ class Trainer:
         if self.stopped_early:
             result["stopped_early_at_epoch"] = self.epoch
         result.update({"epochs": self.cfg.trainer.epochs, "steps": self.step, "wall_time_s": round(wall, 2),
+                       "cpu_time_s": round(time.process_time() - self._cpu_start, 2),
                        "device": str(self.device), **task.describe()})
         if self.env.is_main:
             if task.draw(self.module, self.run_dir / "predictions.png"):
