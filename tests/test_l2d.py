@@ -194,6 +194,18 @@ def test_procedural_multilabel_targets_and_frequencies():
         procedural_multilabel("val")
 
 
+def test_validation_split_is_its_own_stream_and_leaves_train_and_test_unchanged():
+    args = (600, 100, 6, 16, 3, 0.05, 3)
+    tr, te = procedural_multilabel("train", *args), procedural_multilabel("test", *args)
+    va = procedural_multilabel("val", *args, num_val=100)
+    tr_v, te_v = procedural_multilabel("train", *args, num_val=100), procedural_multilabel("test", *args, num_val=100)
+    assert torch.equal(tr.images, tr_v.images) and torch.equal(te.images, te_v.images)
+    assert va.images.shape == (100, 3, 16, 16) and not torch.equal(va.images, te.images)
+    assert va.mean == tr.mean          # normalised with the train statistics, like test
+    with pytest.raises(KdforgeError, match="num_val"):
+        procedural_multilabel("val", *args)
+
+
 def test_labelwise_net_logits_are_group_fc_of_the_tapped_embeddings():
     torch.manual_seed(0)
     net = labelwise_net("convnet", 5, dim=16, heads=2, backbone_args={"width": 4}).eval()
@@ -285,3 +297,27 @@ def test_two_gloo_processes_match_one(tmp_path):
            "teacher_train.optim.name=sgd",
            "teacher.backbone_args={width: 4, norm: group}", "student.backbone_args={width: 4, norm: group}"]
     assert_ddp_matches(Path("configs/methods/l2d.yaml"), ddp, tmp_path)
+
+
+def test_teacher_only_run_is_shared_through_teacher_run(tmp_path):
+    # an experiment trains the teacher once (teacher_only) and hands it to every arm (teacher_run):
+    # the arm must train exactly the student of a full run (whose teacher stage is the same teacher)
+    from kdforge.train.stages import run_recipe
+
+    full = run_recipe("configs/methods/l2d.yaml", [*TINY, "data.num_val=16"], out=tmp_path / "full")
+    teacher = run_recipe("configs/methods/l2d.yaml", [*TINY, "teacher_only=true"], out=tmp_path / "teacher")
+    assert not (tmp_path / "teacher/stages").exists() and teacher["terms"] == ["bce"]
+    arm = run_recipe("configs/methods/l2d.yaml", [*TINY, "data.num_val=16", f"teacher_run={tmp_path / 'teacher'}"],
+                     out=tmp_path / "arm")
+    assert not (tmp_path / "arm/stages").exists()
+    assert arm["teacher_test_mAP"] == pytest.approx(teacher["test_mAP"]) == pytest.approx(full["teacher_test_mAP"])
+    assert arm["test_mAP"] == pytest.approx(full["test_mAP"]) and arm["val_mAP"] == pytest.approx(full["val_mAP"])
+    assert "val_mAP" not in teacher and 0 <= arm["val_mAP"] <= 100
+    # another data set, an unfinished run, or both options at once fail in one line
+    with pytest.raises(ConfigError, match="data.seed"):
+        run_recipe("configs/methods/l2d.yaml", [*TINY, "data.seed=5", f"teacher_run={tmp_path / 'teacher'}"],
+                   out=tmp_path / "other")
+    with pytest.raises(ConfigError, match="no finished run"):
+        run_recipe("configs/methods/l2d.yaml", [*TINY, f"teacher_run={tmp_path / 'none'}"], out=tmp_path / "x")
+    with pytest.raises(ConfigError, match="teacher_only"):
+        run_recipe("configs/methods/l2d.yaml", [*TINY, "teacher_only=true", "teacher_run=a"], out=tmp_path / "y")

@@ -228,3 +228,27 @@ def test_stop_and_resume_is_bit_identical(tmp_path, stop_after):
 def test_two_gloo_processes_match_one(tmp_path):
     # teacher: NT-Xent over all-gathered projections; classifier: per-sample means of both streams
     assert_ddp_matches(Path(RECIPE), [*TINY, "trainer.threads=1"], tmp_path)
+
+
+def test_teacher_only_run_is_shared_through_teacher_run(tmp_path):
+    # an experiment trains the seed's teacher once (teacher_only) and hands it to every arm (teacher_run):
+    # the arm must train exactly what a full run (teacher stage inside) trains
+    from kdforge.train.stages import run_recipe
+
+    full = run_recipe(RECIPE, TINY, out=tmp_path / "full")
+    run_recipe(RECIPE, [*TINY, "teacher_only=true"], out=tmp_path / "teacher")
+    arm = run_recipe(RECIPE, [*TINY, f"teacher_run={tmp_path / 'teacher'}"], out=tmp_path / "arm")
+    assert not (tmp_path / "arm/stages").exists() and not (tmp_path / "teacher/stages").exists()
+    assert arm["acc"] == full["acc"] and arm["rounds"] == full["rounds"]
+    with pytest.raises(ConfigError, match="data.mismatch"):
+        run_recipe(RECIPE, [*TINY, "data.mismatch=0.3", f"teacher_run={tmp_path / 'teacher'}"], out=tmp_path / "o")
+    with pytest.raises(ConfigError, match="no finished run"):
+        run_recipe(RECIPE, [*TINY, f"teacher_run={tmp_path / 'none'}"], out=tmp_path / "x")
+    # the premise of an experiment reads flat keys: the first round's weights of known vs unknown samples
+    first = full["rounds"][0]
+    assert full["mean_w_known_round1"] == first["mean_w_known"]
+    assert full["mean_w_unknown_round1"] == first["mean_w_unknown"]
+    assert full["pseudo_acc_known_round1"] == first["pseudo_acc_known"]
+    assert full["moved_total"] == sum(r.get("moved", 0) for r in full["rounds"]) > 0
+    pseudo = run_recipe(RECIPE, [*TINY, "wad.mode=pseudo", f"teacher_run={tmp_path / 'teacher'}"], out=tmp_path / "p")
+    assert pseudo["mean_w_known_round1"] == pseudo["mean_w_unknown_round1"] == 1.0

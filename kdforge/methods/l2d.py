@@ -24,8 +24,10 @@ and MLD are per-sample, LED relations and BCE (sum) are computed per rank. Recip
     method: l2d
     seed: int                      # student init and batch order
     teacher_seed: int              # teacher init and batch order
-    augment_seed: int              # crop/flip views (fixed across seeds, so teacher outputs are shared)
-    data: {num_train, num_test, num_classes, image_size, max_objects, rarity, seed}   # procedural_multilabel
+    augment_seed: int              # crop/flip views (one value across runs lets them share cached teacher outputs)
+    data: {num_train, num_val, num_test, num_classes, image_size, max_objects, rarity, seed}
+          # procedural_multilabel; num_val > 0 adds a validation split (its own stream: train and
+          # test do not change) whose metrics enter result.json as val_* (choose settings on it)
     teacher: {backbone, backbone_args, dim, heads}                                     # labelwise_net
     student: {backbone, backbone_args, dim, heads}
     teacher_train: LoopConfig      # {epochs, batch_size, optim, schedule, grad_clip, progress}
@@ -34,6 +36,11 @@ and MLD are per-sample, LED relations and BCE (sum) are computed per rank. Recip
     trainer: {device, threads, progress, stop_after_steps, ...}   # optional, every stage (TrainerConfig)
     l2d: {w_mld, w_cd, w_id, bce_reduction, eps, softmax_kd, kd_temperature}
          all weights 0 = the BCE-only student; softmax_kd > 0 adds Hinton KD over labels (comparison arm)
+    teacher_only: bool             # train only the teacher, into the run directory itself (a shared
+                                   # experiment stage); its result.json holds the teacher's test_mAP
+    teacher_run: PATH | null       # a finished teacher run (a teacher_only run, or <run>/stages/teacher
+                                   # of a full run) loaded instead of training the teacher; its data and
+                                   # teacher sections must match this recipe's (data.num_val aside)
 
 Unknown keys fail with one line naming the key. Documented deviations: AdamW with one weight
 decay for all parameters (the official Adam excludes BN and biases from decay), a cosine
@@ -50,7 +57,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from kdforge.config import OptimConfig, ScheduleConfig, TrainerConfig, to_dict
+from kdforge.config import OptimConfig, ScheduleConfig, TrainerConfig, load_yaml, to_dict
 from kdforge.distill.terms import Term
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.registry import METHODS
@@ -65,7 +72,8 @@ from kdforge.tasks.multilabel import (
 )
 from kdforge.train.stages import StageRun, loop_settings, run_stage, split_trainer
 
-__all__ = ["L2D", "L2DArgs", "L2DConfig", "build_multilabel", "l2d_terms", "run_l2d", "train_teacher"]
+__all__ = ["L2D", "L2DArgs", "L2DConfig", "build_multilabel", "l2d_terms", "load_teacher", "run_l2d",
+           "train_teacher", "validation_split"]
 
 
 @dataclass
@@ -111,6 +119,7 @@ def l2d_terms(args: L2DArgs | None = None, embed_tap: str = "label_embed") -> li
 @dataclass
 class MultiLabelDataConfig:
     num_train: int = 2000
+    num_val: int = 0
     num_test: int = 1000
     num_classes: int = 6
     image_size: int = 24
@@ -151,10 +160,14 @@ class L2DConfig:
     train: LoopConfig = field(default_factory=lambda: _loop(12))
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     l2d: L2DArgs = field(default_factory=L2DArgs)
+    teacher_only: bool = False
+    teacher_run: str | None = None
 
     def check(self) -> None:
         if self.method != "l2d":
             raise ConfigError(f"l2d recipe: method must be 'l2d', got {self.method!r}")
+        if self.teacher_only and self.teacher_run:
+            raise ConfigError("l2d recipe: teacher_only trains the teacher, teacher_run loads one: set one of them")
         if self.l2d.bce_reduction not in ("sum", "mean"):
             raise ConfigError(
                 f"l2d recipe: l2d.bce_reduction must be sum or mean, got {self.l2d.bce_reduction!r}"
@@ -162,27 +175,73 @@ class L2DConfig:
 
 
 def build_multilabel(cfg: L2DConfig) -> tuple[MultiLabelData, MultiLabelData]:
+    """The train and test splits of the recipe's procedural multi-label set."""
     d = cfg.data
-    args = (d.num_train, d.num_test, d.num_classes, d.image_size, d.max_objects, d.rarity, d.seed)
+    args = (d.num_train, d.num_test, d.num_classes, d.image_size, d.max_objects, d.rarity, d.seed, d.num_val)
     return procedural_multilabel("train", *args), procedural_multilabel("test", *args)
+
+
+def validation_split(cfg: L2DConfig) -> MultiLabelData | None:
+    """The held-out validation split (`data.num_val` images from its own stream), or None."""
+    d = cfg.data
+    if d.num_val <= 0:
+        return None
+    return procedural_multilabel("val", d.num_train, d.num_test, d.num_classes, d.image_size, d.max_objects,
+                                 d.rarity, d.seed, d.num_val)
 
 
 def _net(m: LabelWiseConfig, data: MultiLabelData) -> LabelWiseNet:
     return labelwise_net(m.backbone, data.num_classes, data.images.shape[1], m.dim, m.heads, m.backbone_args)
 
 
-def train_teacher(cfg: L2DConfig, run_dir: str | Path, trainer: TrainerConfig | None = None,
-                  config_text: str = "") -> StageRun:
-    """Stage `teacher`: a wider LabelWiseNet trained with BCE alone (seed `teacher_seed`), into
-    `<run_dir>/stages/teacher`; a finished stage is loaded, not retrained."""
+def _teacher_task(cfg: L2DConfig) -> MultiLabelTask:
     train, test = build_multilabel(cfg)
     torch.manual_seed(cfg.teacher_seed)
     teacher = _net(cfg.teacher, train)
     terms = l2d_terms(L2DArgs(w_mld=0, w_cd=0, w_id=0, bce_reduction=cfg.l2d.bce_reduction))
-    task = MultiLabelTask(teacher, train, test, terms, cfg.teacher_train.batch_size, cfg.teacher_seed,
-                          augment=cfg.augment, augment_seed=cfg.augment_seed)
+    return MultiLabelTask(teacher, train, test, terms, cfg.teacher_train.batch_size, cfg.teacher_seed,
+                          augment=cfg.augment, augment_seed=cfg.augment_seed, val=validation_split(cfg))
+
+
+def train_teacher(cfg: L2DConfig, run_dir: str | Path, trainer: TrainerConfig | None = None,
+                  config_text: str = "", stage: str | None = "teacher") -> StageRun:
+    """Stage `teacher`: a wider LabelWiseNet trained with BCE alone (seed `teacher_seed`), into
+    `<run_dir>/stages/teacher` (`stage=None`: into `run_dir` itself); a finished stage is loaded,
+    not retrained."""
     settings = loop_settings(cfg.teacher_train, cfg.teacher_seed, trainer)
-    return run_stage(run_dir, "teacher", settings, task, config_text or _recipe_text(cfg))
+    return run_stage(run_dir, stage, settings, _teacher_task(cfg), config_text or _recipe_text(cfg))
+
+
+def _teacher_sections(cfg: L2DConfig) -> dict[str, Any]:
+    data = to_dict(cfg.data)
+    data.pop("num_val")             # the teacher never reads the validation split
+    return {"data": data, "teacher": to_dict(cfg.teacher)}
+
+
+def load_teacher(cfg: L2DConfig, path: str | Path) -> nn.Module:
+    """The frozen teacher of a finished teacher run (`teacher_only` run or `<run>/stages/teacher`).
+
+    Fails in one line when the run is unfinished or was trained on other data or another teacher
+    architecture than `cfg` describes.
+    """
+    path = Path(path)
+    if not (path / "result.json").is_file():
+        raise ConfigError(f"l2d recipe: teacher_run {path} holds no finished run (no result.json); train it "
+                          "with teacher_only=true (or resume it) first")
+    try:
+        body, _ = split_trainer(load_yaml(path / "config.yaml"), str(path / "config.yaml"))
+        theirs = load_task_config(L2DConfig, body, name=str(path / "config.yaml"))
+    except (ConfigError, OSError) as exc:
+        raise ConfigError(f"l2d recipe: teacher_run {path} is not an l2d run: {exc}") from exc
+    mine, other = _teacher_sections(cfg), _teacher_sections(theirs)
+    for key in ("data", "teacher"):
+        if mine[key] != other[key]:
+            diff = sorted(k for k in mine[key] if mine[key][k] != other[key].get(k))
+            raise ConfigError(f"l2d recipe: teacher_run {path} was trained with other {key} settings "
+                              f"({', '.join(f'{key}.{k}' for k in diff)}) than this recipe")
+    settings = loop_settings(cfg.teacher_train, cfg.teacher_seed)
+    stage = run_stage(path, None, settings, _teacher_task(cfg), "", quiet=True)
+    return stage.module.eval_model()
 
 
 def run_l2d(
@@ -195,15 +254,21 @@ def run_l2d(
 ) -> dict[str, Any]:
     """The recipe's stages: the teacher (unless given or not needed), then the student into `run_dir`.
 
-    Returns the student run's result (test mAP after the last epoch, per-label APs, the teacher's
-    test mAP), or `{"stopped_at_step": ...}` when `trainer.stop_after_steps` stopped a stage.
+    Returns the student run's result (test mAP after the last epoch, per-label APs, the validation
+    split's metrics when `data.num_val` > 0, the teacher's test mAP), or `{"stopped_at_step": ...}`
+    when `trainer.stop_after_steps` stopped a stage. `teacher_only` trains the teacher into `run_dir`
+    and returns its result; `teacher_run` loads a finished teacher instead of training one.
     """
     cfg.check()
     text = config_text or _recipe_text(cfg)
+    if cfg.teacher_only:
+        return train_teacher(cfg, run_dir, trainer, text, stage=None).result
     train, test = build_multilabel(cfg)
     terms = l2d_terms(cfg.l2d)
     needs_teacher = any(t.needs_teacher for t in terms)
-    if needs_teacher and teacher is None:
+    if needs_teacher and teacher is None and cfg.teacher_run:
+        teacher = load_teacher(cfg, cfg.teacher_run)
+    elif needs_teacher and teacher is None:
         stage = train_teacher(cfg, run_dir, trainer, text)
         if stage.stopped:
             return stage.result
@@ -213,7 +278,8 @@ def run_l2d(
     torch.manual_seed(cfg.seed)
     student = _net(cfg.student, train)
     task = MultiLabelTask(student, train, test, terms, cfg.train.batch_size, cfg.seed,
-                          teacher if needs_teacher else None, cfg.augment, cfg.augment_seed, teacher_cache)
+                          teacher if needs_teacher else None, cfg.augment, cfg.augment_seed, teacher_cache,
+                          val=validation_split(cfg))
     return run_stage(run_dir, None, loop_settings(cfg.train, cfg.seed, trainer), task, text).result
 
 

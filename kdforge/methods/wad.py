@@ -45,12 +45,17 @@ Recipe schema (`configs/methods/wad.yaml`; `kdforge train configs/methods/wad.ya
          split 0 = one round (no selection). Every mode trains iterations * (split + 1) steps in all
          (the supervised mode in one go), so a single-round arm with the same budget sets
          iterations to the multi-round arm's iterations * (split + 1).
+    teacher_only: bool             train only the contrastive teacher, into the run directory itself
+                                   (an experiment's shared stage)
+    teacher_run: PATH | null       a finished teacher run (a teacher_only run, or <run>/stages/teacher
+                                   of a full run) loaded instead of training the teacher; its data
+                                   section and teacher architecture must match this recipe's
     trainer: optional TrainerConfig options for every stage (device, progress, stop_after_steps ...)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +64,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from kdforge.config import OptimConfig, ScheduleConfig, TrainerConfig
+from kdforge.config import OptimConfig, ScheduleConfig, TrainerConfig, load_yaml
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.models import create_model
 from kdforge.registry import METHODS
@@ -81,6 +86,7 @@ __all__ = [
     "WADConfig",
     "WADTask",
     "build_ssl",
+    "load_teacher",
     "polynomial_decay",
     "run_wad",
     "select_confident",
@@ -220,10 +226,14 @@ class WADConfig:
     )
     iterations: int = 300
     wad: WADArgs = field(default_factory=WADArgs)
+    teacher_only: bool = False
+    teacher_run: str | None = None
 
     def check(self) -> None:
         if self.method != "wad":
             raise ConfigError(f"wad recipe: method must be 'wad', got {self.method!r}")
+        if self.teacher_only and self.teacher_run:
+            raise ConfigError("wad recipe: teacher_only trains the teacher, teacher_run loads one: set one of them")
         if self.wad.mode not in MODES:
             raise ConfigError(
                 f"wad recipe: wad.mode must be one of {', '.join(MODES)}, got {self.wad.mode!r}"
@@ -296,25 +306,54 @@ def build_ssl(cfg: WADConfig) -> SSLData:
 
 
 def _config_text(cfg: WADConfig) -> str:
-    from dataclasses import asdict
-
     return yaml.safe_dump(asdict(cfg), sort_keys=False)
 
 
+def _teacher_task(cfg: WADConfig, data: SSLData) -> ContrastiveTask:
+    t = cfg.teacher
+    pool = data.x[torch.cat([data.labelled, data.unlabelled])]
+    return ContrastiveTask(pool, lambda: _encoder(data.x[0].numel(), t), t.loop.batch_size, t.temperature,
+                           cfg.seed, vector_augment, noise=t.augment.noise, drop=t.augment.drop,
+                           scale=t.augment.scale)
+
+
 def teacher_stage(cfg: WADConfig, data: SSLData, root: str | Path, trainer: TrainerConfig | None = None,
-                  config_text: str | None = None, quiet: bool = False) -> StageRun:
-    """The `teacher` stage of `root`: SimCLR-style encoder on the labelled + unlabelled pool (no labels).
+                  config_text: str | None = None, quiet: bool = False, stage: str | None = "teacher") -> StageRun:
+    """The `teacher` stage of `root` (`stage=None`: `root` itself): SimCLR-style encoder on the
+    labelled + unlabelled pool (no labels).
 
     A finished stage is loaded, an interrupted one resumed; the teacher is a pure function of
     (cfg.teacher, data, cfg.seed), so arms of one seed may share it.
     """
-    t = cfg.teacher
-    pool = data.x[torch.cat([data.labelled, data.unlabelled])]
-    task = ContrastiveTask(pool, lambda: _encoder(data.x[0].numel(), t), t.loop.batch_size, t.temperature,
-                           cfg.seed, vector_augment, noise=t.augment.noise, drop=t.augment.drop,
-                           scale=t.augment.scale)
-    return run_stage(root, "teacher", loop_settings(t.loop, cfg.seed, trainer), task,
+    return run_stage(root, stage, loop_settings(cfg.teacher.loop, cfg.seed, trainer), _teacher_task(cfg, data),
                      config_text or _config_text(cfg), quiet=quiet)
+
+
+def load_teacher(cfg: WADConfig, data: SSLData, path: str | Path) -> nn.Module:
+    """The frozen encoder of a finished teacher run (`teacher_only` run or `<run>/stages/teacher`).
+
+    Fails in one line when the run is unfinished, or its data or teacher architecture differ from `cfg`'s.
+    """
+    path = Path(path)
+    if not (path / "result.json").is_file():
+        raise ConfigError(f"wad recipe: teacher_run {path} holds no finished run (no result.json); train it "
+                          "with teacher_only=true (or resume it) first")
+    try:
+        body, _ = split_trainer(load_yaml(path / "config.yaml"), str(path / "config.yaml"))
+        theirs = load_task_config(WADConfig, body, name=str(path / "config.yaml"))
+    except (ConfigError, OSError) as exc:
+        raise ConfigError(f"wad recipe: teacher_run {path} is not a wad run: {exc}") from exc
+    mine = {"data": asdict(cfg.data), "teacher": {"hidden": cfg.teacher.hidden, "proj_dim": cfg.teacher.proj_dim}}
+    other = {"data": asdict(theirs.data),
+             "teacher": {"hidden": theirs.teacher.hidden, "proj_dim": theirs.teacher.proj_dim}}
+    for key in ("data", "teacher"):
+        diff = sorted(k for k in mine[key] if mine[key][k] != other[key][k])
+        if diff:
+            raise ConfigError(f"wad recipe: teacher_run {path} was trained with other settings "
+                              f"({', '.join(f'{key}.{k}' for k in diff)}) than this recipe")
+    stage = run_stage(path, None, loop_settings(cfg.teacher.loop, theirs.seed), _teacher_task(theirs, data), "",
+                      quiet=True)
+    return stage.module.encoder.eval().requires_grad_(False)
 
 
 def train_teacher(cfg: WADConfig, data: SSLData, root: str | Path, seed: int | None = None,
@@ -332,13 +371,18 @@ def run_wad(cfg: WADConfig, run_dir: str | Path, data: SSLData | None = None, te
             quiet: bool = False) -> dict[str, Any]:
     """One run of `cfg.wad.mode` into `run_dir`: test accuracy `acc` and per-round diagnostics `rounds`.
 
-    `teacher` (a frozen encoder from `train_teacher`) skips the teacher stage; otherwise it is
-    trained (or loaded, or resumed) in `run_dir/stages/teacher`. A stopped stage returns
-    {"stopped_at_step": n}.
+    `teacher` (a frozen encoder from `train_teacher`) skips the teacher stage, and so does
+    `cfg.teacher_run` (a finished teacher run, loaded); otherwise the teacher is trained (or loaded,
+    or resumed) in `run_dir/stages/teacher`. `cfg.teacher_only` trains the teacher into `run_dir`
+    itself and returns its result. A stopped stage returns {"stopped_at_step": n}.
     """
     cfg.check()
     data = data if data is not None else build_ssl(cfg)
     text = config_text or _config_text(cfg)
+    if cfg.teacher_only:
+        return teacher_stage(cfg, data, run_dir, trainer, text, quiet, stage=None).result
+    if cfg.wad.mode != "supervised" and teacher is None and cfg.teacher_run:
+        teacher = load_teacher(cfg, data, cfg.teacher_run)
     if cfg.wad.mode != "supervised" and teacher is None:
         stage = teacher_stage(cfg, data, run_dir, trainer, text, quiet)
         if stage.stopped:

@@ -14,8 +14,9 @@ distinct classes drawn without replacement by those weights (Gumbel top-k), so w
 defaults the rarest label appears in about 5% of images. All shapes are symmetric under a
 horizontal flip, so flip augmentation keeps every label.
 
-Generation is vectorised in torch and deterministic in `seed` (train and test come from
-independent streams), and memoised in memory: a 3k-image split takes well under a second.
+Generation is vectorised in torch and deterministic in `seed` (train, test and the optional
+validation split come from independent streams, so asking for `num_val` validation images leaves
+train and test unchanged), and memoised in memory: a 3k-image split takes well under a second.
 """
 
 from __future__ import annotations
@@ -194,9 +195,14 @@ def _validate(
     image_size: int,
     max_objects: int,
     rarity: float,
+    num_val: int = 0,
 ) -> None:
-    if split not in ("train", "test"):
-        raise KdforgeError(f"{NAME}: unknown split '{split}'; expected 'train' or 'test'")
+    if split not in ("train", "val", "test"):
+        raise KdforgeError(f"{NAME}: unknown split '{split}'; expected 'train', 'val' or 'test'")
+    if split == "val" and num_val < 1:
+        raise KdforgeError(f"{NAME}: no validation split: set num_val >= 1 (data.num_val in a recipe)")
+    if num_val < 0:
+        raise KdforgeError(f"{NAME}: num_val must be >= 0, got {num_val}")
     if not 2 <= num_classes <= len(SHAPES):
         raise KdforgeError(f"{NAME}: num_classes must be 2-{len(SHAPES)}, got {num_classes}")
     if num_train < 1 or num_test < 1:
@@ -220,10 +226,12 @@ def _generate(
     max_objects: int,
     rarity: float,
     seed: int,
+    num_val: int = 0,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     weights = rarity ** (torch.arange(num_classes, dtype=torch.float64) / (num_classes - 1))
     out: dict[str, tuple[Tensor, Tensor]] = {}
-    for split, n in (("train", num_train), ("test", num_test)):
+    splits = [("train", num_train), ("test", num_test)] + ([("val", num_val)] if num_val > 0 else [])
+    for split, n in splits:
         gen = torch.Generator().manual_seed(_derive_seed(NAME, VERSION, seed, split))
         labels = _sample_labels(n, weights.float(), max_objects, gen)
         images = torch.empty((n, 3, image_size, image_size), dtype=torch.uint8)
@@ -249,9 +257,14 @@ def procedural_multilabel(
     max_objects: int = 3,
     rarity: float = 0.08,
     seed: int = 0,
+    num_val: int = 0,
 ) -> MultiLabelData:
-    """One split of the procedural multi-label set; normalisation statistics come from train."""
-    _validate(split, num_train, num_test, num_classes, image_size, max_objects, rarity)
+    """One split (`train`, `val` or `test`) of the procedural multi-label set.
+
+    Normalisation statistics come from train. `val` (needs `num_val` >= 1) is drawn from its own
+    stream of `seed`, like test: a held-out split for choosing settings, never the test split.
+    """
+    _validate(split, num_train, num_test, num_classes, image_size, max_objects, rarity, num_val)
     data = _generate(
         int(num_train),
         int(num_test),
@@ -260,6 +273,7 @@ def procedural_multilabel(
         int(max_objects),
         float(rarity),
         int(seed),
+        int(num_val),
     )
     x = data["train"][0].double().div(255.0)
     mean = tuple(float(m) for m in x.mean(dim=(0, 2, 3)))

@@ -106,11 +106,12 @@ class MultiLabelTask(Task):
     def __init__(self, student: nn.Module, train: MultiLabelData, test: MultiLabelData, terms: Sequence[Term],
                  batch_size: int, seed: int = 0, teacher: nn.Module | None = None,
                  augment: AugmentSpec | None = None, augment_seed: int | None = None,
-                 teacher_cache: dict[int, dict[str, Tensor]] | None = None) -> None:
+                 teacher_cache: dict[int, dict[str, Tensor]] | None = None,
+                 val: MultiLabelData | None = None) -> None:
         if batch_size < 1:
             raise KdforgeError(f"multilabel: batch_size must be >= 1, got {batch_size}")
         self.student, self.teacher, self.terms = student, teacher, list(terms)
-        self.train, self.test, self.batch_size, self.seed = train, test, batch_size, seed
+        self.train, self.test, self.val, self.batch_size, self.seed = train, test, val, batch_size, seed
         self.augment = augment or AugmentSpec()
         self.aug_seed = seed if augment_seed is None else augment_seed
         self.taps = sorted({n for t in self.terms if t.needs_teacher for n in t.teacher_taps if n != "logits"})
@@ -147,11 +148,17 @@ class MultiLabelTask(Task):
                      index=idx.to(self.device), epoch=epoch, step=epoch * steps + step, teacher_outputs=cached)
 
     def evaluate(self, module: nn.Module, split: str, env: DistEnv, autocast: Any = None) -> dict[str, float]:
-        data = {"train": self.train, "test": self.test}[split]
+        data = {"train": self.train, "test": self.test, "val": self.val}.get(split)
+        if data is None:
+            raise KdforgeError(f"multilabel: no '{split}' split (data.num_val sets a validation split)")
         return evaluate(module.eval_model(), data)
 
     def result(self, module: nn.Module, env: DistEnv, autocast: Any = None) -> dict[str, Any]:
+        """Test metrics after the last epoch (`test_*`), the validation split's (`val_*`) when there is
+        one (for choosing settings without the test split), and the teacher's test mAP."""
         out = {f"test_{k}": v for k, v in self.evaluate(module, "test", env).items()}
+        if self.val is not None:
+            out.update({f"val_{k}": v for k, v in self.evaluate(module, "val", env).items()})
         if self.teacher is not None:
             out["teacher_test_mAP"] = evaluate(self.teacher, self.test)["mAP"]
         return out

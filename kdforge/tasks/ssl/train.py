@@ -217,7 +217,18 @@ class RoundsTask(Task):
         return {"acc": known_accuracy(module.student, self.x_test, self.y_test)}
 
     def result(self, module: nn.Module, env: DistEnv, autocast: Any = None) -> dict[str, Any]:
-        return {**self.evaluate(module, "test", env), "rounds": [dict(r) for r in self.history]}
+        """Known-class test accuracy, the per-round diagnostics and their headline numbers (flat keys,
+        so an experiment's premise can read them): the first round's pseudo-label accuracy on the
+        known part of the pool and mean weight of its known / unknown samples (the teacher's
+        knowledge before any sample moved), and how many samples the rounds moved (unknown ones)."""
+        out: dict[str, Any] = self.evaluate(module, "test", env)
+        if self.history:
+            first = self.history[0]
+            out.update(pseudo_acc_known_round1=first["pseudo_acc_known"], mean_w_known_round1=first["mean_w_known"],
+                       mean_w_unknown_round1=first["mean_w_unknown"],
+                       moved_total=sum(r.get("moved", 0) for r in self.history),
+                       moved_unknown_total=sum(r.get("moved_unknown", 0) for r in self.history))
+        return {**out, "rounds": [dict(r) for r in self.history]}
 
     def describe(self) -> dict[str, Any]:
         return {"task": self.name, "student": f"mlp {self.hidden}", "iterations": self.iterations,
