@@ -99,6 +99,14 @@ def test_experiment_pairs_seeds_resumes_and_reports(recipe: Path, tmp_path: Path
     assert seeds_seen == {4}
 
 
+def test_several_premises_must_all_hold(recipe: Path, tmp_path: Path) -> None:
+    extra = "premises:\n  - {what: impossible, left: arms.kd.test_top1, op: '>', right: 1000.0}\n"
+    recipe.write_text(EXPERIMENT + extra)
+    report = run_experiment(recipe, out=tmp_path / "r", results=tmp_path / "r.json", quiet=True, seeds=[0, 1])
+    checks = report["premise"]["checks"]
+    assert len(checks) == 2 and checks[1]["holds"] is False and report["premise"]["holds"] is False
+
+
 def test_an_interrupted_cell_resumes_exactly(recipe: Path, tmp_path: Path) -> None:
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     run_experiment(recipe, out=whole, results=tmp_path / "a.json", quiet=True, seeds=[0])

@@ -91,12 +91,16 @@ class ExperimentConfig:
     method: str = ""
     claimed_direction: str = "higher"
     premise: PremiseSpec | None = None
+    premises: list[PremiseSpec] = field(default_factory=list)    # several checks; all must hold
     paper_claim: str = ""
     notes: str = ""
     results: str | None = None           # JSON path (default results/methods/<id>.json)
     profiles: dict[str, ProfileSpec] = field(default_factory=dict)
     source: str = ""                     # set by the loader: the experiment file
     base_dir: str = ""                   # set by the loader: recipe paths are relative to it
+
+    def all_premises(self) -> list[PremiseSpec]:
+        return ([self.premise] if self.premise is not None else []) + list(self.premises)
 
     def recipe_path(self, recipe: str | None, where: str) -> Path:
         name = recipe or self.recipe
@@ -140,10 +144,10 @@ def _check(cfg: ExperimentConfig) -> None:
                                       f"{', '.join(sorted(stage_names)) or 'none'})")
                 if where.startswith("stages.") and ref.startswith("stage:"):
                     raise ConfigError(f"{src}: {where}: a stage cannot read another stage ({{{ref}}})")
-    if cfg.premise is not None:
-        if cfg.premise.op not in (">", "<", ">=", "<="):
-            raise ConfigError(f"{src}: premise.op must be one of > < >= <=, not {cfg.premise.op!r}")
-        for side in (cfg.premise.left, cfg.premise.right):
+    for premise in cfg.all_premises():
+        if premise.op not in (">", "<", ">=", "<="):
+            raise ConfigError(f"{src}: premise.op must be one of > < >= <=, not {premise.op!r}")
+        for side in (premise.left, premise.right):
             if isinstance(side, str):
                 parts = side.split(".", 2)
                 if len(parts) != 3 or parts[0] not in ("arms", "stages") or \

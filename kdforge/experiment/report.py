@@ -43,11 +43,7 @@ def _reference(ref: str | float, cfg: ExperimentConfig, stages: list[Cell], arms
     return statistics.fmean(values) if values else None
 
 
-def premise(cfg: ExperimentConfig, stages: list[Cell], arms: list[Cell]) -> dict[str, Any]:
-    """What was checked, what was seen, and whether the effect the method exploits exists here."""
-    p = cfg.premise
-    if p is None:
-        return {"what": "no premise check in the recipe", "seen": None, "holds": None}
+def _check(p: Any, cfg: ExperimentConfig, stages: list[Cell], arms: list[Cell]) -> dict[str, Any]:
     left, right = _reference(p.left, cfg, stages, arms), _reference(p.right, cfg, stages, arms)
     holds = None
     if left is not None and right is not None:
@@ -55,6 +51,19 @@ def premise(cfg: ExperimentConfig, stages: list[Cell], arms: list[Cell]) -> dict
     return {"what": p.what, "check": f"{p.left} {p.op} {p.right}",
             "seen": f"{left if left is None else round(left, 4)} {p.op} {right if right is None else round(right, 4)}",
             "holds": holds}
+
+
+def premise(cfg: ExperimentConfig, stages: list[Cell], arms: list[Cell]) -> dict[str, Any]:
+    """What was checked, what was seen, and whether the effect the method exploits exists here."""
+    checks = [_check(p, cfg, stages, arms) for p in cfg.all_premises()]
+    if not checks:
+        return {"what": "no premise check in the recipe", "seen": None, "holds": None}
+    if len(checks) == 1:
+        return checks[0]
+    results = [c["holds"] for c in checks]
+    holds = None if any(h is None for h in results) else all(results)
+    return {"what": "; ".join(c["what"] for c in checks), "check": "; ".join(c["check"] for c in checks),
+            "seen": "; ".join(c["seen"] for c in checks), "holds": holds, "checks": checks}
 
 
 def build_report(cfg: ExperimentConfig, stages: list[Cell], arms: list[Cell], profile: str | None) -> dict[str, Any]:
