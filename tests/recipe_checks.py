@@ -16,7 +16,7 @@ import torch
 from kdforge.train.checkpoint import load_tensors
 from kdforge.train.stages import run_recipe
 
-TIMING = {"epoch_time_s", "wall_time_s"}
+TIMING = {"epoch_time_s", "wall_time_s", "cpu_time_s"}
 
 
 def _rows(run: Path) -> list[dict[str, str]]:

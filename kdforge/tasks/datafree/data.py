@@ -10,7 +10,9 @@ student sees only a web pool built like a web crawl for the same class names:
 * `other` (30%): images of an unrelated procedural data set (different generator seed) and noise.
 
 Every sample keeps its true class (-1 for off-topic) and kind, for selection-precision diagnostics
-only; the student never reads them. The original test split is the evaluation set.
+only; the student never reads them. The original test split is the evaluation set; an optional
+validation split (`num_val` more original-distribution images, disjoint from the test split) is
+for the experimenter's choices (a loss weight, a selection fraction), never for training.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class DataFreeData:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    val_images: Tensor = field(default_factory=lambda: torch.zeros(0, 3, 1, 1, dtype=torch.uint8))
+    val_labels: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
 
 def restyle(
@@ -88,17 +92,22 @@ def build_datafree(
     image_size: int = 16,
     fractions: tuple[float, float, float] = (0.5, 0.2, 0.3),
     seed: int = 0,
+    num_val: int = 0,
 ) -> DataFreeData:
-    """Original train/test splits of procedural_cifar(`seed`) and a web pool drawn as described above."""
+    """Original train/test splits of procedural_cifar(`seed`) and a web pool drawn as described above.
+
+    With `num_val` > 0 the original-distribution draw holds `num_test + num_val` images: the first
+    `num_val` are the validation split, the rest the test split (`num_val` = 0: the test draw as before).
+    """
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
         raise KdforgeError(f"build_datafree: fractions (in_class, related, other) must sum to 1, got {fractions}")
-    if min(num_orig, num_web, num_test) < 1:
-        raise KdforgeError("build_datafree: num_orig, num_web and num_test must be >= 1")
+    if min(num_orig, num_web, num_test) < 1 or num_val < 0:
+        raise KdforgeError("build_datafree: num_orig, num_web and num_test must be >= 1 and num_val >= 0")
     n_in, n_rel = int(round(fractions[0] * num_web)), int(round(fractions[1] * num_web))
     n_other = num_web - n_in - n_rel
     kw = {"num_classes": num_classes, "num_superclasses": num_classes, "image_size": image_size}
     train = procedural_cifar("train", num_orig + n_in + n_rel, num_test, seed, **kw)
-    test = procedural_cifar("test", num_orig + n_in + n_rel, num_test, seed, **kw)
+    test = procedural_cifar("test", num_orig + n_in + n_rel, num_test + num_val, seed, **kw)
     n_foreign = n_other - n_other // 3
     foreign = procedural_cifar("train", max(n_foreign, 1), 10, seed + 7919, **kw)
     gen = torch.Generator().manual_seed(seed * 7 + 3)
@@ -114,8 +123,8 @@ def build_datafree(
     return DataFreeData(
         orig_images=train.images[:num_orig], orig_labels=train.labels[:num_orig],
         web_images=images[order], web_labels=labels[order], web_kind=kind[order],
-        test_images=test.images, test_labels=test.labels, num_classes=num_classes,
-        mean=train.mean, std=train.std,
+        test_images=test.images[num_val:], test_labels=test.labels[num_val:], num_classes=num_classes,
+        mean=train.mean, std=train.std, val_images=test.images[:num_val], val_labels=test.labels[:num_val],
     )
 
 
@@ -130,7 +139,8 @@ class DataFreeDataConfig:
     image_size: int = 16
     fractions: list[float] = field(default_factory=lambda: [0.5, 0.2, 0.3])
     seed: int = 0
+    num_val: int = 0       # original-distribution validation images (experimenter's choices only)
 
     def build(self) -> DataFreeData:
         return build_datafree(self.num_classes, self.num_orig, self.num_web, self.num_test, self.image_size,
-                              tuple(self.fractions), self.seed)
+                              tuple(self.fractions), self.seed, self.num_val)

@@ -64,7 +64,7 @@ class WebBatch:
 
 
 class DataFreeTask(Task):
-    """Seeded, index-addressable batches of one split of a `DataFreeData` (no validation split)."""
+    """Seeded, index-addressable batches of one split of a `DataFreeData` (nothing evaluated per epoch)."""
 
     name = "datafree"
 
@@ -86,30 +86,51 @@ class DataFreeTask(Task):
     def steps_per_epoch(self) -> int:
         return max(1, len(self.images) // self.batch_size)
 
-    def batch(self, epoch: int, step: int, env: DistEnv) -> WebBatch:
+    def global_index(self, epoch: int, step: int) -> Tensor:
+        """Positions of the whole global batch `step` of `epoch` (every rank's share)."""
         k = epoch * self.steps_per_epoch() + step
-        idx = rank_share(stream_batch(len(self.images), self.batch_size, k, self.seed, SPLITS[self.split]), env)
+        return stream_batch(len(self.images), self.batch_size, k, self.seed, SPLITS[self.split])
+
+    def batch(self, epoch: int, step: int, env: DistEnv) -> WebBatch:
+        idx = rank_share(self.global_index(epoch, step), env)
         views = augment_images(self.images[idx].to(self.device), idx.to(self.device), epoch, self.view_seed,
                                self.data.mean, self.data.std)
         return WebBatch(views, self.truth[idx].to(self.device), idx, epoch, step)
+
+    def predictions(self, net: nn.Module, images: Tensor) -> Tensor:
+        """Predicted classes (CPU) of `net` on uint8 `images` (eval mode, no augmentation)."""
+        logits = predict(net, images, 500, lambda v: prepare_images(v.to(self.device), self.data.mean, self.data.std))
+        return logits.argmax(1).cpu()
 
     def accuracy(self, net: nn.Module, images: Tensor, labels: Tensor) -> float:
         """Top-1 (%) of `net` on uint8 `images` (eval mode, no augmentation)."""
         if len(images) == 0:
             return float("nan")
-        logits = predict(net, images, 500, lambda v: prepare_images(v.to(self.device), self.data.mean, self.data.std))
-        return 100.0 * float((logits.argmax(1).cpu() == labels).float().mean())
+        return 100.0 * float((self.predictions(net, images) == labels).float().mean())
+
+    def class_report(self, net: nn.Module, images: Tensor, labels: Tensor) -> dict[str, float]:
+        """Class collapse diagnostics: the worst class's top-1 (%) and how many classes `net` predicts at all."""
+        pred = self.predictions(net, images)
+        per_class = [float((pred[labels == c] == c).float().mean()) * 100.0
+                     for c in range(self.data.num_classes) if bool((labels == c).any())]
+        return {"worst_class_top1": min(per_class), "classes_predicted": float(len(pred.unique()))}
+
+    def split_data(self, split: str) -> tuple[Tensor, Tensor]:
+        """(uint8 images, labels) of `test` / `val` (original distribution) or `web_in_class` (re-styled)."""
+        d = self.data
+        if split == "test":
+            return d.test_images, d.test_labels
+        if split == "val":
+            return d.val_images, d.val_labels
+        if split == "web_in_class":
+            keep = d.web_kind == 0
+            return d.web_images[keep], d.web_labels[keep]
+        raise KdforgeError(f"datafree task: no split {split!r} (test, val, web_in_class)")
 
     def evaluate(self, module: nn.Module, split: str, env: DistEnv,
                  autocast: Autocast | None = None) -> dict[str, float]:
-        """top1 of the trained network on `test` (original) or `web_in_class` (re-styled, same classes)."""
-        net = module.eval_model()
-        if split == "test":
-            return {"top1": self.accuracy(net, self.data.test_images, self.data.test_labels)}
-        if split == "web_in_class":
-            keep = self.data.web_kind == 0
-            return {"top1": self.accuracy(net, self.data.web_images[keep], self.data.web_labels[keep])}
-        raise KdforgeError(f"datafree task: no split {split!r} (test, web_in_class)")
+        """top1 of the trained network on `test` / `val` (original) or `web_in_class` (re-styled, same classes)."""
+        return {"top1": self.accuracy(module.eval_model(), *self.split_data(split))}
 
 
 class SupervisedNet(TaskModule):
@@ -146,7 +167,10 @@ class SupervisedTask(DataFreeTask):
         return {"train_top1": 100.0 * counts.get("correct", 0.0) / max(1.0, counts.get("samples", 0.0))}
 
     def result(self, module: nn.Module, env: DistEnv, autocast: Autocast | None = None) -> dict[str, Any]:
-        return {"test_top1": self.evaluate(module, "test", env)["top1"]}
+        out = {"test_top1": self.evaluate(module, "test", env)["top1"]}
+        if len(self.data.val_images):
+            out["val_top1"] = self.evaluate(module, "val", env)["top1"]
+        return out
 
     def describe(self) -> dict[str, Any]:
         return {"task": self.name, "stage": "teacher", "model": f"tinycnn_w{self.width}", "norm": self.norm,
