@@ -157,3 +157,21 @@ def test_command_line_overrides_reach_every_arm_and_are_recorded(recipe: Path, t
     steps = {json.loads(p.read_text())["steps"] for p in (tmp_path / "r").glob("*/seed*/result.json")}
     assert steps == {8} and report["cli_overrides"] == ["trainer.epochs=2"]
     assert json.loads((tmp_path / "r/stages/teacher/result.json").read_text())["epochs"] == 2   # its own recipe
+
+
+def test_a_search_arm_reports_the_searched_model(recipe: Path, tmp_path: Path) -> None:
+    (recipe.parent / "val.yaml").write_text(RUN.replace("batch_size: 16", "batch_size: 16\n  val_fraction: 0.25"))
+    recipe.write_text("""
+id: search
+arms:
+  plain: {recipe: val.yaml}
+  boss: {recipe: val.yaml, search: boss, trials: 3,
+         search_overrides: [search.warmup=2, search.top_k=2, search.epochs=1, "search.batch_size=[16, 16]"]}
+seeds: [0, 1]
+baseline: plain
+method: boss
+""")
+    report = run_experiment(recipe, out=tmp_path / "r", results=tmp_path / "r.json", quiet=True, seeds=[0, 1])
+    cell = json.loads((tmp_path / "r/boss/seed0/result.json").read_text())
+    assert cell["search"] == "boss" and cell["search_trials"] == 3 and Path(cell["chosen_run"]).is_dir()
+    assert report["method_values"][0] == cell["test_top1"]

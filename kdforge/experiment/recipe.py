@@ -21,6 +21,10 @@ An experiment is a YAML file (`configs/experiments/<id>.yaml`)::
     profiles:                               # e.g. the paper's scale, for a GPU and the real data
       paper: {overrides: [...], arms: {kd: [...]}, stages: {teacher: [...]}, seeds: [...]}
 
+An arm with `search: autokd|boss` runs that search first (`search_overrides: [search.key=value]`,
+`trials: N`) into `<cell>/search/`; Auto-KD's best distiller (`best.yaml`) is then trained into the
+cell, and BOSS's selected trial (best on validation) is the cell's result.
+
 Paths are relative to the experiment file. In overrides, `{seed}` is the cell's seed and
 `{stage:NAME}` the run directory of a stage (of the same seed for a per-seed stage). Arms of
 one seed differ only by their recipe/overrides, so they share data order, augmentation and
@@ -46,6 +50,9 @@ _PLACEHOLDER = re.compile(r"\{(seed|stage:[A-Za-z0-9_\-]+)\}")
 class ArmSpec:
     recipe: str | None = None            # default: the experiment's `recipe`
     overrides: list[str] = field(default_factory=list)
+    search: str | None = None            # autokd | boss: search first (search.key=value in search_overrides),
+    search_overrides: list[str] = field(default_factory=list)   # then the arm's result is the searched model's
+    trials: int | None = None
 
 
 @dataclass
@@ -163,6 +170,10 @@ def _check(cfg: ExperimentConfig) -> None:
                 raise ConfigError(f"{src}: profiles.{name}.stages.{stage} is not a stage")
     for arm, spec in cfg.arms.items():
         cfg.recipe_path(spec.recipe, f"arms.{arm}")
+        if spec.search not in (None, "autokd", "boss"):
+            raise ConfigError(f"{src}: arms.{arm}.search must be autokd or boss, not {spec.search!r}")
+        if any(not o.startswith("search.") or "=" not in o for o in spec.search_overrides):
+            raise ConfigError(f"{src}: arms.{arm}.search_overrides must look like search.key=value")
     for stage, spec in cfg.stages.items():
         cfg.recipe_path(spec.recipe, f"stages.{stage}")
 

@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,9 @@ class Cell:
     recipe: Path
     overrides: list[str]
     out: Path
+    search: str | None = None
+    search_overrides: list[str] = field(default_factory=list)
+    trials: int | None = None
 
     @property
     def label(self) -> str:
@@ -77,7 +80,8 @@ def plan(cfg: ExperimentConfig, root: Path) -> tuple[list[Cell], list[Cell]]:
         for name, spec in cfg.arms.items():
             recipe = cfg.recipe_path(spec.recipe, f"arms.{name}")
             over = [fill(o, seed, dirs) for o in [*cfg.overrides, *spec.overrides]] + [f"{cfg.seed_key}={seed}"]
-            arms.append(Cell("arm", name, seed, recipe, over, root / name / f"seed{seed}"))
+            arms.append(Cell("arm", name, seed, recipe, over, root / name / f"seed{seed}", spec.search,
+                             [fill(o, seed, dirs) for o in spec.search_overrides], spec.trials))
     return stages, arms
 
 
@@ -129,9 +133,38 @@ def train_run(recipe: Path, overrides: list[str], out: Path, quiet: bool = True)
     return Trainer(load_config(recipe, overrides), out, quiet=quiet).fit()
 
 
+def search_run(cell: Cell) -> dict[str, Any]:
+    """A search arm: search (resumable) into <cell>/search, then the searched model's result in the cell."""
+    from kdforge.search.cli import search_command
+
+    if cell.done:
+        return cell.result()
+    summary = search_command(cell.search, str(cell.recipe), [*cell.overrides, *cell.search_overrides], None,
+                             cell.trials, str(cell.out / "search"))
+    if cell.search == "autokd":          # train the searched distiller with the full budget
+        train_run(Path(summary["recipe"]), [], cell.out / "final", quiet=True)
+        return _adopt(cell, cell.out / "final", summary)
+    return _adopt(cell, Path(summary["run_dir"]), summary)
+
+
+def _adopt(cell: Cell, run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """The cell's result.json: the chosen run's result plus what the search chose."""
+    from kdforge.train.checkpoint import atomic_write_text
+
+    result = json.loads((run_dir / "result.json").read_text())
+    result.update({"search": cell.search, "search_best_value": summary.get("best_value"),
+                   "search_trials": summary.get("trials_done", summary.get("trials")),
+                   "chosen_run": str(run_dir)})
+    atomic_write_text(cell.out / "result.json", json.dumps(result, indent=2))
+    return result
+
+
 def _in_process(cell: Cell) -> None:
     with contextlib.redirect_stdout(io.StringIO()):
-        train_run(cell.recipe, cell.overrides, cell.out)
+        if cell.search:
+            search_run(cell)
+        else:
+            train_run(cell.recipe, cell.overrides, cell.out)
 
 
 def _subprocess(cell: Cell, experiment: Path, root: Path, profile: str | None, seeds: list[int],
