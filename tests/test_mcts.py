@@ -147,3 +147,23 @@ def test_bad_input() -> None:
         tree.tell(("a",), float("nan"))
     with pytest.raises(KdforgeError):
         tree.tell(("a",), 1.0, depth=2)
+
+
+def test_random_strategy_draws_uniform_new_paths_without_a_tree_policy() -> None:
+    from collections import Counter
+
+    levels = [["a", "b", "c"], [0, 1]]
+    tree = MCTS(levels, seed=3, strategy="random")
+    seen = []
+    for _ in range(6):                         # 6 distinct paths exist: each is drawn once
+        path, depth = tree.ask()
+        assert depth == 0 and path not in tree.leaves
+        tree.tell(path, 1.0 if path == ("a", 0) else 0.0, depth)
+        seen.append(path)
+    assert len(set(seen)) == 6 and tree.ask() is None
+    firsts = Counter()
+    for seed in range(300):                    # the first draw is uniform over the 3 first options
+        firsts[MCTS(levels, seed=seed, strategy="random").ask()[0][0]] += 1
+    assert all(70 < firsts[o] < 130 for o in "abc"), firsts
+    with pytest.raises(KdforgeError, match="strategy"):
+        MCTS(levels, strategy="greedy")

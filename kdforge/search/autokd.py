@@ -166,7 +166,8 @@ def run_autokd(cfg: RunConfig, opts: AutoKDOptions, out: str | Path, storage: st
 
     tree = run_tree_search(study, setup.space.options, evaluate, trials=budget, c=opts.exploration,
                            seed=opts.seed, kind="autokd", describe=lambda p: setup.candidate(p).describe(),
-                           callbacks=callbacks, quiet=quiet)
+                           callbacks=callbacks, quiet=quiet,
+                           strategy="random" if opts.strategy == "random" else "uct")
     found = tree.best_path()
     if found is None:
         raise KdforgeError("autokd: no finished trial to pick a distiller from")

@@ -73,9 +73,12 @@ class MCTS:
     """UCT search tree over `space`; see the module docstring for the ask/tell protocol."""
 
     def __init__(self, space: Space, c: float = 1.4, seed: int = 0, normalize: bool = True,
-                 max_rollout_tries: int = 32) -> None:
+                 max_rollout_tries: int = 32, strategy: str = "uct") -> None:
         if c < 0:
             raise KdforgeError(f"mcts: the exploration constant c must be >= 0, got {c}")
+        if strategy not in ("uct", "random"):
+            raise KdforgeError(f"mcts: strategy must be uct or random, got {strategy!r}")
+        self.strategy = strategy      # random: uniform complete paths (the equal-budget random-search baseline)
         self._options = space if callable(space) else _fixed_space(space)
         self.c = float(c)
         self.seed = int(seed)
@@ -176,6 +179,12 @@ class MCTS:
         if self.exhausted(self.root):
             return None
         rng = self.rng()
+        if self.strategy == "random":         # no tree policy: a uniform path, avoiding told ones
+            for _ in range(max(self.max_rollout_tries, 256)):
+                path = self.rollout((), rng)
+                if path not in self.leaves:
+                    return path, 0
+            return None                       # no new path in 256 uniform draws: treated as exhausted
         node = self.select()
         if node.is_leaf:                       # a told leaf is exhausted, so this one is new
             return node.prefix, len(node.prefix)

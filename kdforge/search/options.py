@@ -24,6 +24,7 @@ class AutoKDOptions:
     trials: int = 30                  # fresh proxy evaluations (the budget)
     seed: int = 0                     # tree randomness, proxy student initialisation, data subset
     exploration: float = 1.4          # UCT constant c (rewards are min-max normalised to [0, 1])
+    strategy: str = "mcts"            # mcts | random (uniform distillers, the equal-budget baseline)
     logits: bool = True               # the logits are a candidate input
     layers: dict[str, str] = field(default_factory=lambda: {"feat3": "feat3"})   # student tap -> teacher tap
     multi_layer: bool = True          # all `layers` at once, training-free layer weights (needs >= 2)
@@ -114,6 +115,7 @@ def _validate(opts: Any, source: str) -> None:
             (all(0.0 < a <= 1.0 for a in opts.alphas) and bool(opts.alphas), "alphas must be in (0, 1]"),
             (all(t > 0 for t in opts.temperatures) and bool(opts.temperatures), "temperatures must be > 0"),
             (opts.logits or bool(opts.layers), "the space needs logits: true or at least one layer"),
+            (opts.strategy in ("mcts", "random"), f"strategy must be mcts or random, not '{opts.strategy}'"),
         ]
     else:
         checks += [

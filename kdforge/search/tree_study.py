@@ -24,9 +24,10 @@ Evaluate = Callable[[Path], tuple[float, dict[str, Any]]]
 Callback = Callable[[Any, Any], None]
 
 
-def rebuild_tree(study: Any, space: Callable[[Path], Sequence[Hashable]], c: float, seed: int) -> MCTS:
+def rebuild_tree(study: Any, space: Callable[[Path], Sequence[Hashable]], c: float, seed: int,
+                 strategy: str = "uct") -> MCTS:
     """Replay the study's finished trials (in trial order) into a fresh tree."""
-    tree = MCTS(space, c=c, seed=seed)
+    tree = MCTS(space, c=c, seed=seed, strategy=strategy)
     for trial in complete_trials(study):
         attrs = trial.user_attrs
         if "path" not in attrs or trial.value is None:
@@ -42,7 +43,7 @@ def fresh_count(study: Any) -> int:
 def run_tree_search(study: Any, space: Callable[[Path], Sequence[Hashable]], evaluate: Evaluate, *,
                     trials: int, c: float = 1.4, seed: int = 0, kind: str = "mcts",
                     describe: Callable[[Path], str] = str, callbacks: Sequence[Callback] = (),
-                    quiet: bool = False, max_repeats: int | None = None) -> MCTS:
+                    quiet: bool = False, max_repeats: int | None = None, strategy: str = "uct") -> MCTS:
     """Evaluate new paths until the study holds `trials` fresh finished trials (or the space is exhausted).
 
     `evaluate(path) -> (reward, user_attrs)`. `callbacks(study, frozen_trial)` run after each
@@ -54,7 +55,7 @@ def run_tree_search(study: Any, space: Callable[[Path], Sequence[Hashable]], eva
     running = None
     try:
         while True:
-            tree = rebuild_tree(study, space, c, seed)
+            tree = rebuild_tree(study, space, c, seed, strategy)
             done = fresh_count(study)
             if done >= trials:
                 return tree
