@@ -174,4 +174,5 @@ method: boss
     report = run_experiment(recipe, out=tmp_path / "r", results=tmp_path / "r.json", quiet=True, seeds=[0, 1])
     cell = json.loads((tmp_path / "r/boss/seed0/result.json").read_text())
     assert cell["search"] == "boss" and cell["search_trials"] == 3 and Path(cell["chosen_run"]).is_dir()
+    assert "test_top1_last" in cell       # the selected model is the best-validation checkpoint
     assert report["method_values"][0] == cell["test_top1"]
