@@ -54,7 +54,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from kdforge.config import OptimConfig, ScheduleConfig, TrainerConfig, load_yaml
+from kdforge.config import OptimConfig, ScheduleConfig, TrainerConfig
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.registry import METHODS
 from kdforge.tasks.base import Autocast
@@ -70,7 +70,7 @@ from kdforge.tasks.ncd import (
     procedural_ncd,
 )
 from kdforge.train.distributed import DistEnv
-from kdforge.train.stages import loop_settings, run_stage, split_trainer, stage_dir
+from kdforge.train.stages import loop_settings, run_stage, shared_recipe, split_trainer, stage_dir
 
 __all__ = ["CrKD", "CrKDConfig", "CrKDTask", "ncd_setting", "relation_drift", "relation_kd_loss", "run_crkd"]
 
@@ -326,15 +326,10 @@ def _pretrain_identity(cfg: CrKDConfig) -> dict[str, Any]:
 
 def _check_shared_pretrain(cfg: CrKDConfig, stage: Path) -> None:
     """A pretrain stage reused from another run must have been trained with this recipe's settings."""
-    saved = stage / "config.yaml"
-    if not saved.is_file():
+    if not (stage / "config.yaml").is_file():
         return      # not trained yet: this run trains it there
-    tree, _ = split_trainer(load_yaml(saved), str(saved))
-    other = load_task_config(CrKDConfig, tree, name=str(saved))
-    diff = [k for k in PRETRAIN_FIELDS if _pretrain_identity(other)[k] != _pretrain_identity(cfg)[k]]
-    if diff:
-        raise KdforgeError(f"crkd: the pretrain stage {stage} was trained with other {', '.join(diff)} settings; "
-                           "share it only between runs whose pretraining is identical")
+    shared_recipe(stage, CrKDConfig, cfg, lambda c: {k: _pretrain_identity(c)[k] for k in PRETRAIN_FIELDS},
+                  "crkd", "pretrain stage")
 
 
 def _config_text(cfg: CrKDConfig, trainer: TrainerConfig | None) -> str:

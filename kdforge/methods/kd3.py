@@ -79,7 +79,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from kdforge.config import OptimConfig, ScheduleConfig, TrainerConfig, load_yaml, to_dict
+from kdforge.config import OptimConfig, ScheduleConfig, TrainerConfig, to_dict
 from kdforge.distill.distiller import Step
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.registry import METHODS
@@ -96,7 +96,7 @@ from kdforge.tasks.datafree import (
     tiny_cnn,
 )
 from kdforge.train.distributed import DistEnv
-from kdforge.train.stages import StageRun, loop_settings, run_stage, split_trainer
+from kdforge.train.stages import StageRun, loop_settings, run_stage, shared_recipe, split_trainer
 
 __all__ = [
     "KD3Config",
@@ -532,13 +532,7 @@ def load_teacher(cfg: KD3Config, data: DataFreeData, trainer: TrainerConfig | No
     else:
         raise ConfigError(f"kd3 recipe: teacher_run {root} holds no finished teacher (train it first: "
                           "kdforge train configs/methods/kd3.yaml teacher_only=true --out DIR)")
-    theirs = load_task_config(KD3Config, split_trainer(load_yaml(root / "config.yaml"), str(root))[0],
-                              name=str(root / "config.yaml"))
-    mine, theirs = to_dict(cfg), to_dict(theirs)
-    for key in TEACHER_KEYS:
-        if mine[key] != theirs[key]:
-            raise ConfigError(f"kd3 recipe: teacher_run {root} was trained with another {key} "
-                              f"({theirs[key]!r}; this recipe: {mine[key]!r})")
+    shared_recipe(root, KD3Config, cfg, lambda c: {k: to_dict(c)[k] for k in TEACHER_KEYS}, "kd3")
     return train_teacher(cfg, root, data, trainer, name=name).module.eval_model()
 
 

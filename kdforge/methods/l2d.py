@@ -57,7 +57,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from kdforge.config import OptimConfig, ScheduleConfig, TrainerConfig, load_yaml, to_dict
+from kdforge.config import OptimConfig, ScheduleConfig, TrainerConfig, to_dict
 from kdforge.distill.terms import Term
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.registry import METHODS
@@ -70,7 +70,7 @@ from kdforge.tasks.multilabel import (
     labelwise_net,
     procedural_multilabel,
 )
-from kdforge.train.stages import StageRun, loop_settings, run_stage, split_trainer
+from kdforge.train.stages import StageRun, loop_settings, run_stage, shared_recipe, split_trainer
 
 __all__ = ["L2D", "L2DArgs", "L2DConfig", "build_multilabel", "l2d_terms", "load_teacher", "run_l2d",
            "train_teacher", "validation_split"]
@@ -228,17 +228,7 @@ def load_teacher(cfg: L2DConfig, path: str | Path) -> nn.Module:
     if not (path / "result.json").is_file():
         raise ConfigError(f"l2d recipe: teacher_run {path} holds no finished run (no result.json); train it "
                           "with teacher_only=true (or resume it) first")
-    try:
-        body, _ = split_trainer(load_yaml(path / "config.yaml"), str(path / "config.yaml"))
-        theirs = load_task_config(L2DConfig, body, name=str(path / "config.yaml"))
-    except (ConfigError, OSError) as exc:
-        raise ConfigError(f"l2d recipe: teacher_run {path} is not an l2d run: {exc}") from exc
-    mine, other = _teacher_sections(cfg), _teacher_sections(theirs)
-    for key in ("data", "teacher"):
-        if mine[key] != other[key]:
-            diff = sorted(k for k in mine[key] if mine[key][k] != other[key].get(k))
-            raise ConfigError(f"l2d recipe: teacher_run {path} was trained with other {key} settings "
-                              f"({', '.join(f'{key}.{k}' for k in diff)}) than this recipe")
+    shared_recipe(path, L2DConfig, cfg, _teacher_sections, "l2d")
     settings = loop_settings(cfg.teacher_train, cfg.teacher_seed)
     stage = run_stage(path, None, settings, _teacher_task(cfg), "", quiet=True)
     return stage.module.eval_model()

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from kdforge.config import OptimConfig, ScheduleConfig, TrainerConfig, load_yaml
+from kdforge.config import OptimConfig, ScheduleConfig, TrainerConfig
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.models import create_model
 from kdforge.registry import METHODS
@@ -79,7 +79,7 @@ from kdforge.tasks.ssl import (
     mismatch_split,
     vector_augment,
 )
-from kdforge.train.stages import StageRun, loop_settings, run_stage, split_trainer
+from kdforge.train.stages import StageRun, loop_settings, run_stage, shared_recipe, split_trainer
 
 __all__ = [
     "WAD",
@@ -329,6 +329,10 @@ def teacher_stage(cfg: WADConfig, data: SSLData, root: str | Path, trainer: Trai
                      config_text or _config_text(cfg), quiet=quiet)
 
 
+def _teacher_identity(cfg: WADConfig) -> dict[str, Any]:
+    return {"data": asdict(cfg.data), "teacher": {"hidden": cfg.teacher.hidden, "proj_dim": cfg.teacher.proj_dim}}
+
+
 def load_teacher(cfg: WADConfig, data: SSLData, path: str | Path) -> nn.Module:
     """The frozen encoder of a finished teacher run (`teacher_only` run or `<run>/stages/teacher`).
 
@@ -338,19 +342,7 @@ def load_teacher(cfg: WADConfig, data: SSLData, path: str | Path) -> nn.Module:
     if not (path / "result.json").is_file():
         raise ConfigError(f"wad recipe: teacher_run {path} holds no finished run (no result.json); train it "
                           "with teacher_only=true (or resume it) first")
-    try:
-        body, _ = split_trainer(load_yaml(path / "config.yaml"), str(path / "config.yaml"))
-        theirs = load_task_config(WADConfig, body, name=str(path / "config.yaml"))
-    except (ConfigError, OSError) as exc:
-        raise ConfigError(f"wad recipe: teacher_run {path} is not a wad run: {exc}") from exc
-    mine = {"data": asdict(cfg.data), "teacher": {"hidden": cfg.teacher.hidden, "proj_dim": cfg.teacher.proj_dim}}
-    other = {"data": asdict(theirs.data),
-             "teacher": {"hidden": theirs.teacher.hidden, "proj_dim": theirs.teacher.proj_dim}}
-    for key in ("data", "teacher"):
-        diff = sorted(k for k in mine[key] if mine[key][k] != other[key][k])
-        if diff:
-            raise ConfigError(f"wad recipe: teacher_run {path} was trained with other settings "
-                              f"({', '.join(f'{key}.{k}' for k in diff)}) than this recipe")
+    theirs = shared_recipe(path, WADConfig, cfg, _teacher_identity, "wad")
     stage = run_stage(path, None, loop_settings(cfg.teacher.loop, theirs.seed), _teacher_task(theirs, data), "",
                       quiet=True)
     return stage.module.encoder.eval().requires_grad_(False)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,42 @@ def run_stage(root: str | Path, name: str | None, settings: RunConfig, task: Tas
     trainer = Trainer(settings, run_dir, resume=resume, quiet=quiet, task=task, config_text=config_text)
     result = trainer.fit()
     return StageRun(trainer.module, result, run_dir, stopped="stopped_at_step" in result)
+
+
+def shared_recipe(run_dir: str | Path, schema: type, mine: Any, identity: Callable[[Any], dict[str, Any]],
+                  method: str, what: str = "teacher_run") -> Any:
+    """The validated recipe of another run whose trained stage this run reuses (a shared teacher).
+
+    `identity(recipe)` maps a recipe to the settings that define the shared stage (data, teacher
+    architecture, its loop ...); they must be equal to `mine`'s, else one line names the fields.
+    A directory without a recipe, or with another method's, also fails in one line.
+    """
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"{method} recipe: {what} {run_dir} is not a run directory (no config.yaml)")
+    try:
+        body, _ = split_trainer(load_yaml(saved), str(saved))
+        from kdforge.tasks.common import load_task_config
+
+        theirs = load_task_config(schema, body, name=str(saved))
+    except KdforgeError as exc:
+        raise ConfigError(f"{method} recipe: {what} {run_dir} is not a {method} run: {exc}") from None
+    a, b = _flat(identity(mine)), _flat(identity(theirs))
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if diff:
+        raise ConfigError(f"{method} recipe: {what} {run_dir} was trained with other settings "
+                          f"({', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}) than this recipe")
+    return theirs
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 # ------------------------------------------------------------------------------------- recipes
