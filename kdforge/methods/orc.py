@@ -4,21 +4,32 @@ Several students train together with a pretrained *pivot* teacher. At every iter
 students are ranked on the current batch (cross-entropy, lowest first) and the top ``k`` are
 promoted into the **teacher group** (pivot + promoted); the rest form the **student group**.
 
-* Teacher-group refinement: each promoted network is trained only on the student group's
-  *error samples* (inputs some student-group network misclassifies), with the labels and the
-  pivot's soft targets, so the teachers are corrected exactly where the students fail.
+* Teacher-group refinement ("training the teacher group using the error samples of the student
+  group", the paper's abstract): the *whole* teacher group learns on the student group's *error
+  samples* (inputs some student-group network misclassifies). The pivot is refined online with
+  the labels (CE on the error samples; it is the group's most mature member, so nothing above it
+  teaches it); each promoted network with the labels and the pivot's soft targets. The teachers
+  are corrected exactly where the students fail.
 * Group teaching: the teacher group's collaborative knowledge, the mean of the pivot's and the
   promoted networks' logits (detached), is distilled into every student-group network, with CE.
 
 A promoted network never distils from an ensemble that contains itself. The official
-repository (choijunyong/ORCKD) holds no training code; this follows the kdforge method card
-(``shared/methods/p27_orc.md``). Its unverified choices are parameters here: ``num_promoted``
-(k=1), the error rule (``any`` student-group network wrong), logit averaging, the loss weights
-(CE 0.1 / KD 0.9, T=4) and a frozen pivot. The teacher group's logits are those of the same
-forward pass (before this step's refinement update), so each network runs once per batch.
+repository (choijunyong/ORCKD) holds no training code; this follows the paper's abstract and
+figure and the kdforge method card (``shared/methods/p27_orc.md``). Its unverified choices are
+parameters here: ``num_promoted`` (k=1), the error rule (``any`` student-group network wrong),
+logit averaging, the loss weights (CE 0.1 / KD 0.9, T=4) and the pivot's refinement weight
+(``pivot_ce_weight``, default 1.0; its gradient scale is the pivot's effective learning-rate
+scale, 0.1 in configs/methods/orc.yaml, chosen on validation). A refined pivot trains like the
+students: in train mode (batch-norm on the batch, running statistics updated), with the students'
+optimizer (with batch-norm frozen it diverged within 31 steps at lr 0.05 in a trial).
+``refine_pivot=false`` keeps the pivot frozen (the teacher group is then the fixed pivot averaged
+with the promoted student: an ablation, not the paper's method). The teacher group's logits are
+those of the same forward pass (before this step's refinement update), so each network runs once
+per batch.
 
-All students are trainable submodules (one optimizer covers them; as each loss reads only its
-own network, and the targets are detached, one summed backward equals per-network updates).
+All networks are trainable submodules (one optimizer covers them; as each loss reads only its
+own network, and the targets are detached, one summed backward equals per-network updates); the
+refined pivot is saved in the run's checkpoints (it changes), a frozen one is not.
 ``eval_model()`` is the student promoted most often recently (an exponential moving average of
 the promotions, a training-batch signal, never the test split), or a fixed index.
 """
@@ -39,7 +50,7 @@ from kdforge.losses.kd import kd_loss
 from kdforge.registry import METHODS
 
 __all__ = ["ORC", "ensemble_target", "error_mask", "false_knowledge_rate", "group_teaching_loss",
-           "promote", "refine_loss"]
+           "pivot_refine_loss", "promote", "refine_loss"]
 
 _ERROR_RULES = ("any", "majority", "all")
 
@@ -102,6 +113,16 @@ def refine_loss(logits: Tensor, pivot_logits: Tensor, target: Tensor, mask: Tens
     return ce_weight * F.cross_entropy(z, y), kd_weight * kd_loss(z, t, temperature)
 
 
+def pivot_refine_loss(pivot_logits: Tensor, target: Tensor, mask: Tensor, weight: float) -> Tensor:
+    """The pivot's online refinement: ``weight`` * CE on the student group's error samples ``mask``.
+
+    No error sample: an exact zero that still belongs to the graph (refinement skipped).
+    """
+    if not bool(mask.any()):
+        return pivot_logits.sum() * 0.0
+    return weight * F.cross_entropy(pivot_logits[mask].float(), target[mask])
+
+
 def group_teaching_loss(logits: Tensor, ensemble_logits: Tensor, target: Tensor, temperature: float,
                         ce_weight: float, kd_weight: float) -> tuple[Tensor, Tensor]:
     """(weighted CE, weighted KD) of one student-group network taught by the teacher-group ensemble."""
@@ -118,14 +139,17 @@ def false_knowledge_rate(ensemble_logits: Tensor, target: Tensor) -> Tensor:
 
 
 class ORC(Distiller):
-    """A pivot teacher (frozen) and N students whose roles change every iteration.
+    """A pretrained pivot teacher and N students whose roles change every iteration.
 
     Args:
         students: the N >= 2 student networks (same label space; architectures may differ).
-        pivot: the pretrained pivot teacher (frozen, eval mode, not checkpointed).
+        pivot: the pretrained pivot teacher.
         num_promoted: k, students promoted into the teacher group per iteration (1 <= k < N).
         temperature, ce_weight, kd_weight: KD temperature and loss weights of the student group.
-        refine_ce_weight, refine_kd_weight: loss weights of the teacher-group refinement.
+        refine_ce_weight, refine_kd_weight: loss weights of the promoted networks' refinement.
+        refine_pivot: refine the pivot online on the student group's error samples (the paper);
+            false keeps it frozen (eval mode, no gradient, not checkpointed, may be cached).
+        pivot_ce_weight: weight of the pivot's CE on the error samples.
         error_rule: which samples count as student-group errors (``any``/``majority``/``all``).
         eval_student: ``"most_promoted"`` or a student index: the network evaluated/exported.
         promotion_momentum: decay of the promotion-rate average behind ``most_promoted``.
@@ -133,7 +157,8 @@ class ORC(Distiller):
 
     def __init__(self, students: Sequence[nn.Module], pivot: nn.Module, *, num_promoted: int = 1,
                  temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9,
-                 refine_ce_weight: float = 0.1, refine_kd_weight: float = 0.9, error_rule: str = "any",
+                 refine_ce_weight: float = 0.1, refine_kd_weight: float = 0.9, refine_pivot: bool = True,
+                 pivot_ce_weight: float = 1.0, error_rule: str = "any",
                  eval_student: str | int = "most_promoted", promotion_momentum: float = 0.99) -> None:
         students = list(students)
         n = len(students)
@@ -144,8 +169,10 @@ class ORC(Distiller):
                                f"got {num_promoted}")
         if temperature <= 0:
             raise KdforgeError(f"orc: temperature must be > 0, got {temperature}")
-        if min(ce_weight, kd_weight, refine_ce_weight, refine_kd_weight) < 0:
+        if min(ce_weight, kd_weight, refine_ce_weight, refine_kd_weight, pivot_ce_weight) < 0:
             raise KdforgeError("orc: loss weights must be >= 0")
+        if not isinstance(refine_pivot, bool):
+            raise KdforgeError(f"orc: refine_pivot must be true or false, got {refine_pivot!r}")
         if error_rule not in _ERROR_RULES:
             raise KdforgeError(f"orc: error_rule must be one of {', '.join(_ERROR_RULES)}, "
                                f"got {error_rule!r}")
@@ -154,12 +181,18 @@ class ORC(Distiller):
                                f"got {eval_student!r}")
         if not 0.0 <= promotion_momentum < 1.0:
             raise KdforgeError(f"orc: promotion_momentum must be in [0, 1), got {promotion_momentum}")
-        super().__init__(students[0], {"teacher": pivot}, [])
+        # A frozen pivot is an ordinary Distiller teacher; a refined one is a trainable member of
+        # the teacher group (in the optimizer and in the checkpoints, never in `teachers`).
+        super().__init__(students[0], {} if refine_pivot else {"teacher": pivot}, [])
         self.peers = nn.ModuleList(students[1:])      # student 0 is `self.student`
+        self.refine_pivot = refine_pivot
+        if refine_pivot:     # trained like the students (train mode: batch-norm on the batch)
+            self.pivot_net = pivot.requires_grad_(True)
         self.num_promoted = int(num_promoted)
         self.temperature = float(temperature)
         self.ce_weight, self.kd_weight = float(ce_weight), float(kd_weight)
         self.refine_ce_weight, self.refine_kd_weight = float(refine_ce_weight), float(refine_kd_weight)
+        self.pivot_ce_weight = float(pivot_ce_weight)
         self.error_rule = error_rule
         self.eval_student = eval_student
         self.promotion_momentum = float(promotion_momentum)
@@ -172,14 +205,15 @@ class ORC(Distiller):
 
     @property
     def pivot(self) -> nn.Module:
-        return self.teachers["teacher"]
+        return self.pivot_net if self.refine_pivot else self.teachers["teacher"]
 
     @torch.no_grad()
     def setup(self, sample_images: Tensor, num_samples: int) -> None:
         """Check that every student and the pivot predict the same classes."""
         x = sample_images[:2]
-        modes = [s.training for s in self.students]
-        for s in self.students:
+        nets = [*self.students, self.pivot]
+        modes = [s.training for s in nets]
+        for s in nets:         # probe in eval mode: no batch-norm statistics move
             s.eval()
         try:
             pivot_logits = self.pivot(x)
@@ -190,7 +224,7 @@ class ORC(Distiller):
                                        f"teacher outputs {tuple(pivot_logits.shape)}; they must share "
                                        "the label space")
         finally:
-            for s, mode in zip(self.students, modes):
+            for s, mode in zip(nets, modes):
                 s.train(mode)
         self.is_setup = True
 
@@ -204,6 +238,8 @@ class ORC(Distiller):
         return self.students[self.eval_index()]
 
     def _pivot_logits(self, batch: Batch) -> Tensor:
+        if self.refine_pivot:     # with the graph: the pivot learns from its error-sample CE
+            return self.pivot_net(batch.images)
         cached = (batch.teacher_outputs or {}).get("teacher", {})
         if cached.get(LOGITS) is not None:
             return cached[LOGITS]
@@ -218,7 +254,8 @@ class ORC(Distiller):
                                "labels (set data.augment.mixup=0 and cutmix=0)")
         y = batch.target
         logits = [s(batch.images) for s in self.students]
-        pivot_logits = self._pivot_logits(batch).float()
+        pivot_out = self._pivot_logits(batch).float()
+        pivot_logits = pivot_out.detach()
         with torch.no_grad():
             batch_ce = torch.stack([F.cross_entropy(z.float(), y) for z in logits])
         promoted = promote(batch_ce, self.num_promoted)
@@ -247,6 +284,9 @@ class ORC(Distiller):
                   "orc_refine_ce": refine_ce, "orc_refine_kd": refine_kd}
         groups = {"orc_student_ce": "task", "orc_student_kd": "distill",
                   "orc_refine_ce": "task", "orc_refine_kd": "distill"}
+        if self.refine_pivot:
+            losses["orc_pivot_ce"] = pivot_refine_loss(pivot_out, y, errors, self.pivot_ce_weight)
+            groups["orc_pivot_ce"] = "task"
         extras = {"promoted": promoted, "error_fraction": errors.float().mean(),
                   "false_knowledge_rate": false_knowledge_rate(target, y)}
         return Step(outputs=logits[self.eval_index()], losses=losses, groups=groups,
@@ -259,7 +299,8 @@ class ORC(Distiller):
         """From a run config: ``student`` is student 0; the others copy its architecture (fresh
         initialisations; ``num_students``, default 3) or are given by ``method.args.peers:
         [{name, args}, ...]``. The pivot is
-        ``teacher`` (with a checkpoint). ORC defines its own losses, so ``terms`` must be empty."""
+        ``teacher`` (with a checkpoint; refined online unless ``refine_pivot: false``, so it cannot come
+        from ``teacher.cache``). ORC defines its own losses, so ``terms`` must be empty."""
         from kdforge.config import ModelConfig
         from kdforge.train.build import build_model
 
@@ -269,6 +310,9 @@ class ORC(Distiller):
         if set(teachers) != {"teacher"}:
             raise KdforgeError("method orc needs exactly one pivot teacher under `teacher:` (with a "
                                f"checkpoint), got teachers: {', '.join(teachers) or 'none'}")
+        if method_args.get("refine_pivot", True) and cfg.teacher is not None and cfg.teacher.cache:
+            raise KdforgeError("orc refines the pivot online, so cached pivot outputs would be stale: drop "
+                               "teacher.cache or set method.args.refine_pivot=false")
         c, _, _ = data.train.image_shape
         k = data.train.num_classes
         if peers is not None:
