@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +18,11 @@ from kdforge.distill.distiller import Batch
 from kdforge.errors import KdforgeError
 from kdforge.methods.ferkd import (
     FerKD,
+    FerKDRecipe,
+    RRCConfig,
+    RRCTask,
     adapt_labels,
+    crossmix_partner,
     cutmix_box,
     easy_region_mask,
     gt_confidence,
@@ -28,6 +34,7 @@ from kdforge.methods.ferkd import (
 )
 from kdforge.methods.ferkd_regions import (
     RegionBank,
+    object_coverage,
     precompute_region_bank,
     recover_topk,
     region_soft_labels,
@@ -445,3 +452,154 @@ def test_ferkd_forward_relabels_before_selfmix():
     target = kept * soft + (1 - kept) * soft[partner]
     ref = -(target * F.log_softmax(module.student(mixed), 1)).sum(1).mean()
     torch.testing.assert_close(step.losses["ferkd"], ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 11: a fair demo (RandomResizedCrop teacher, object masks, FKD + cross-image CutMix arm)
+
+
+def test_crossmix_partner_is_a_seeded_permutation_across_images():
+    p = crossmix_partner(24, epoch=2, step=5, seed=3)
+    assert sorted(p.tolist()) == list(range(24))
+    assert torch.equal(p, crossmix_partner(24, 2, 5, 3))                  # resumes mix the same pairs
+    assert not torch.equal(p, crossmix_partner(24, 2, 6, 3))
+    image = torch.arange(24) // 4                                          # 6 images x 4 crops
+    assert float((image[p] != image).float().mean()) > 0.5                 # mostly other images
+
+
+def test_ferkd_crossmix_step_mixes_crops_of_other_images_like_fkd():
+    data = _data()
+    bank = precompute_region_bank(_teacher(), data.train.images, data.train.labels, 3, epochs=1, num_crops=2,
+                                  mean=data.train.mean, std=data.train.std)
+    with pytest.raises(KdforgeError, match="exclude each other"):
+        FerKD(_student(), bank, selfmix=True, crossmix=True)
+    module = FerKD(_student(), bank, adapt=False, selfmix=False, crossmix=True, mix="cutmix", seed=2)
+    module.setup(torch.zeros(2, 3, 8, 8), 6)
+    idx = torch.tensor([5, 0, 2])
+    x = (data.train.images[idx].float() / 255 - 0.5) / 0.25
+    step = module(Batch(images=x, target=data.train.labels[idx], index=idx, epoch=1, step=4))
+    views = region_views(x, bank.boxes[0, idx], bank.flips[0, idx])
+    soft = bank.probs[0, idx].reshape(6, 3)                                # raw FKD labels (adapt off)
+    partner = crossmix_partner(6, 1, 4, 2)
+    _, lam, (y0, y1, x0, x1) = module._mix_params(1, 4, 8, 8)
+    mixed = views.clone()
+    mixed[:, :, y0:y1, x0:x1] = views[partner][:, :, y0:y1, x0:x1]
+    kept = 1 - (y1 - y0) * (x1 - x0) / 64
+    target = kept * soft + (1 - kept) * soft[partner]
+    ref = -(target * F.log_softmax(module.student(mixed), 1)).sum(1).mean()
+    torch.testing.assert_close(step.losses["ferkd"], ref)
+
+
+def test_object_coverage_counts_object_pixels_inside_each_region():
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.rand(3, 9, 7, generator=gen) < 0.3
+    masks[2] = False                                                       # no object: coverage 0
+    boxes, _ = rrc_boxes(torch.arange(3), 0, 1, 9, 7, num_crops=5)
+    cov = object_coverage(masks, boxes)
+    assert cov.shape == (3, 5)
+    for i in range(2):
+        for j in range(5):
+            t, left, h, w = boxes[i, j].tolist()
+            expected = masks[i, t:t + h, left:left + w].sum() / masks[i].sum()
+            assert float(cov[i, j]) == pytest.approx(float(expected))
+    assert torch.equal(cov[2], torch.zeros(5))
+    full = torch.tensor([[[0, 0, 9, 7]]]).expand(3, 1, 4)
+    assert torch.allclose(object_coverage(masks, full)[:2], torch.ones(2, 1))
+
+
+def test_region_stats_measure_the_mining_rule_also_for_plain_fkd():
+    data = _data()
+    bank = precompute_region_bank(_teacher(), data.train.images, data.train.labels, 3, epochs=2, num_crops=2,
+                                  mean=data.train.mean, std=data.train.std)
+    masks = torch.zeros(6, 8, 8, dtype=torch.bool)
+    masks[:, 2:5, 2:5] = True
+    fkd = FerKD(_student(), bank, adapt=False, rho_h=0.5, selfmix=False)
+    stats = fkd.region_stats(masks)
+    assert fkd.relabel_stats()["relabelled_fraction"] == 0.0
+    assert stats["mined_fraction"] == pytest.approx(0.5)                   # what FerKD would relabel
+    conf = bank.confidence
+    mined = FerKD(_student(), bank, rho_h=0.5, selfmix=False).hard
+    assert stats["mined_mean_conf"] == pytest.approx(float(conf[mined].mean()))
+    right = (bank.probs.argmax(-1) == bank.labels[None, :, None]).float()
+    assert stats["teacher_region_top1"] == pytest.approx(100 * float(right.mean()))
+    cov = object_coverage(masks, bank.boxes.permute(1, 0, 2, 3)).permute(1, 0, 2)
+    assert stats["mined_object_coverage"] == pytest.approx(float(cov[mined].mean()))
+    assert stats["miss_fraction"] == pytest.approx(float((cov < 0.25).float().mean()))
+
+
+def test_teacher_is_trained_on_random_resized_crop_views():
+    """The old demo's teacher saw only pad-crop/flip views of whole images (issue 11)."""
+    data = _data(8)
+    cfg = load_config(overrides=["student.name=convnet", "data.batch_size=4", "data.augment.crop_padding=0",
+                                 "data.augment.flip=false", "trainer.device=cpu"])
+    task = RRCTask(cfg, data, RRCConfig(scale=[0.08, 1.0]), rrc_seed=5)
+    task.build(torch.device("cpu"), __import__("kdforge.train.distributed", fromlist=["DistEnv"]).DistEnv())
+    idx = torch.tensor([6, 1, 3])
+    batch = task.make_batch(idx, epoch=2, step=0)
+    x = task.prepare(data.train.images[idx])
+    boxes, flips = rrc_boxes(idx, 2, 5, 8, 8, 1, (0.08, 1.0), (3 / 4, 4 / 3), True)
+    torch.testing.assert_close(batch.images, region_views(x, boxes, flips, (8, 8)))
+    assert (boxes[:, 0, 2] * boxes[:, 0, 3] < 64).any()                   # real crops, not whole images
+
+
+def _tiny_recipe(tmp_path: Path) -> dict:
+    return {"method": "ferkd", "seed": 1,
+            "data": {"name": "objects_clutter", "args": {"num_train": 48, "num_test": 16, "num_classes": 4,
+                                                         "image_size": 12},
+                     "root": str(tmp_path / "cache"), "val_fraction": 0.25},
+            "teacher": {"model": {"name": "convnet", "args": {"width": 4, "depth": 2}},
+                        "loop": {"epochs": 1, "batch_size": 12}},
+            "student": {"name": "convnet", "args": {"width": 4, "depth": 2}},
+            "bank": {"epochs": 3, "num_crops": 2},
+            "train": {"epochs": 1, "batch_size": 6},
+            "trainer": {"progress": False, "threads": 1}}
+
+
+def test_task_recipe_trains_an_rrc_teacher_builds_one_bank_and_shares_it(tmp_path):
+    from kdforge.train.stages import run_recipe
+
+    tree = _tiny_recipe(tmp_path)
+    res = run_recipe(tree, out=tmp_path / "run")
+    teacher = tmp_path / "run" / "stages" / "teacher"
+    assert (teacher / "result.json").is_file() and "test_region_top1" in json.loads(
+        (teacher / "result.json").read_text())
+    banks = list((teacher / "banks").glob("bank-*.pt"))
+    assert len(banks) == 1 and res["bank_time_s"] > 0
+    for key in ("test_top1", "teacher_region_top1", "mined_fraction", "mined_miss_fraction", "kept_miss_fraction",
+                "relabelled_fraction"):
+        assert key in res
+    assert res["relabelled_fraction"] == pytest.approx(1 / 6) == res["mined_fraction"]   # 1 of 6 regions
+    # another arm of the experiment: a given teacher, plain FKD; the bank is reused, not rebuilt
+    fkd = run_recipe(tree, [f"teacher.run={teacher}", "ferkd.adapt=false", "ferkd.selfmix=false",
+                            "ferkd.crossmix=true"], out=tmp_path / "fkd")
+    assert fkd["bank_time_s"] == 0.0 and fkd["relabelled_fraction"] == 0.0
+    assert fkd["mined_fraction"] == res["mined_fraction"]                 # same bank, same mining statistics
+    assert not (tmp_path / "fkd" / "stages" / "teacher").exists()
+    # a teacher trained for other data or with other settings is refused in one line
+    from kdforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"other settings \(data.args.image_size\)"):
+        run_recipe(tree, [f"teacher.run={teacher}", "data.args.image_size=14"], out=tmp_path / "other")
+    # only the teacher: its run is the recipe's run directory (an experiment's shared stage)
+    only = run_recipe(tree, ["final_stage=teacher"], out=tmp_path / "teacher_only")
+    assert "test_region_top1" in only and (tmp_path / "teacher_only" / "checkpoints" / "last.safetensors").is_file()
+
+
+def test_shipped_recipe_validates_and_bad_recipes_fail_in_one_line(tmp_path):
+    from kdforge.config import load_yaml
+    from kdforge.errors import ConfigError
+    from kdforge.tasks.common import load_task_config
+    from kdforge.train.stages import run_recipe
+
+    root = Path(__file__).resolve().parent.parent
+    tree = load_yaml(root / "configs" / "methods" / "ferkd.yaml")
+    tree.pop("trainer")
+    cfg = load_task_config(FerKDRecipe, tree, name="ferkd.yaml")
+    cfg.check("ferkd.yaml")
+    assert cfg.data.name == "objects_clutter" and cfg.teacher.rrc is not None
+    with pytest.raises(ConfigError, match="final_stage"):
+        run_recipe(_tiny_recipe(tmp_path), ["final_stage=bank"], out=tmp_path / "a")
+    with pytest.raises(ConfigError, match="unknown key 'ferkd.rho'"):
+        run_recipe(_tiny_recipe(tmp_path), ["ferkd.rho=0.3"], out=tmp_path / "b")
+    with pytest.raises(KdforgeError, match="does not exist"):
+        run_recipe(_tiny_recipe(tmp_path), [f"teacher.run={tmp_path / 'nope'}"], out=tmp_path / "c")

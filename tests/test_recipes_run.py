@@ -18,7 +18,7 @@ from kdforge.cli import main
 from kdforge.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = [ROOT / "configs/methods" / f"{n}.yaml" for n in ("dot", "ferkd", "orc", "mdcs")] + [
+RECIPES = [ROOT / "configs/methods" / f"{n}.yaml" for n in ("dot", "orc", "mdcs")] + [
     ROOT / "configs/search/autokd.yaml", ROOT / "configs/search/boss.yaml",
     ROOT / "configs/cifar100/dkd_resnet32x4_resnet8x4.yaml"]
 TINY = ["data.args.num_train=64", "data.args.num_test=32", "data.args.image_size=16", "data.batch_size=16",

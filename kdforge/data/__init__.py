@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from kdforge.data import folder, formats, longtail, small, synthetic  # noqa: F401  (register data sets)
+from kdforge.data import folder, formats, longtail, objects, small, synthetic  # noqa: F401  (register data sets)
 from kdforge.data.base import ImageTensors
 from kdforge.data.stream import STREAMING, StreamingImages
 from kdforge.errors import KdforgeError

@@ -22,26 +22,64 @@ image *and* below `tau_h`, which keeps the hard bucket small.
 
 Use: `method: {name: ferkd, args: {...}}` with `data.augment` off (the method makes its own
 region views). `data.batch_size` counts images; each step trains on `batch_size * num_crops`
-regions. `adapt: false, selfmix: false` is plain FKD, the paper's baseline.
+regions. `adapt: false, selfmix: false` is plain FKD, the paper's baseline; `crossmix: true`
+(with `selfmix: false`) is FKD's optional `--mixup_cutmix`: CutMix/Mixup between any two crops
+of the batch, i.e. across images, the mixing SelfMix replaces.
+
+Task recipe (`kdforge train configs/methods/ferkd.yaml`, schema `FerKDRecipe`): a teacher stage
+trained on RandomResizedCrop views (`RRCTask`, as FKD's teachers are; skipped with
+`teacher.run=<trained teacher>`), the region bank built once from it and stored beside it
+(`ensure_bank`), then the student (`FerKDTask`, whose result.json adds `region_stats`: the
+teacher's top-1 on the stored regions, what the mining rule picks and, with the data set's
+object masks, how much of the object those regions show). `final_stage: teacher` trains only the
+teacher (an experiment's shared stage).
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
+import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import Tensor, nn
 
+import kdforge.data.objects  # noqa: F401  (registers objects_clutter, the card's object-on-clutter data)
+from kdforge.config import (
+    AugmentConfig,
+    DataConfig,
+    MethodConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    ScheduleConfig,
+    TrainerConfig,
+)
+from kdforge.data.cache_dir import atomic_torch_save, cache_key
 from kdforge.data.transforms import hash_u32
 from kdforge.distill.distiller import Batch, Distiller, Step
-from kdforge.errors import KdforgeError
-from kdforge.methods.ferkd_regions import RegionBank, precompute_region_bank, region_views
+from kdforge.errors import ConfigError, KdforgeError
+from kdforge.methods.ferkd_regions import (
+    RegionBank,
+    object_coverage,
+    precompute_region_bank,
+    region_soft_labels,
+    region_views,
+    rrc_boxes,
+)
+from kdforge.models import create_model
 from kdforge.registry import METHODS
+from kdforge.tasks.classification import ClassificationTask
+from kdforge.tasks.common import LoopConfig, load_task_config
 
 STREAM_SELFMIX_PARTNER = 11
+STREAM_CROSSMIX_PARTNER = 13
 MIX_MODES = ("cutmix", "mixup", "switch")
 
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +171,19 @@ def selfmix_partner(index: Tensor, num_crops: int, epoch: int, seed: int) -> Ten
     return (torch.arange(b)[:, None] * num_crops + partner_j).reshape(-1)
 
 
+def crossmix_partner(num_rows: int, epoch: int, step: int, seed: int) -> Tensor:
+    """Partner row of every crop for FKD's cross-image mixing: a random permutation of the batch.
+
+    As FKD's `mixup_cutmix` (`torch.randperm` over all crops of the batch), but seeded by
+    (seed, epoch, step) so a resumed run mixes the same pairs. A crop may meet a crop of its own
+    image by chance; most partners come from other images.
+    """
+    if num_rows < 1:
+        raise KdforgeError(f"crossmix_partner needs at least one row, got {num_rows}")
+    key = int(hash_u32(torch.tensor([step]), seed, epoch, STREAM_CROSSMIX_PARTNER).item())
+    return torch.randperm(num_rows, generator=torch.Generator().manual_seed(key))
+
+
 def cutmix_box(lam: float, height: int, width: int, rng: random.Random) -> tuple[int, int, int, int]:
     """CutMix box (y0, y1, x0, x1) of area about (1 - lam) * H * W at a uniform centre, clipped."""
     cut = (1.0 - lam) ** 0.5
@@ -190,17 +241,22 @@ class FerKD(Distiller):
 
     def __init__(self, student: nn.Module, bank: RegionBank, *, adapt: bool = True, rho_h: float | None = 0.2,
                  tau_h: float | None = None, eps: float = 0.1, rho_e: float = 0.0, selfmix: bool = True,
-                 mix: str = "cutmix", alpha: float = 1.0, temperature: float = 1.0, seed: int = 0) -> None:
+                 crossmix: bool = False, mix: str = "cutmix", alpha: float = 1.0, temperature: float = 1.0,
+                 seed: int = 0) -> None:
         super().__init__(student, None, [])
         if mix not in MIX_MODES:
             raise KdforgeError(f"ferkd: mix must be one of {', '.join(MIX_MODES)}, got {mix!r}")
         if alpha <= 0 or temperature <= 0:
             raise KdforgeError(f"ferkd: alpha and temperature must be > 0, got {alpha}, {temperature}")
+        if selfmix and crossmix:
+            raise KdforgeError("ferkd: selfmix (crops of one image) and crossmix (crops of the batch) exclude "
+                               "each other; set one of them")
         if selfmix and bank.num_crops < 2:
             raise KdforgeError("ferkd: selfmix needs a bank with num_crops >= 2")
         self.bank = bank
-        self.adapt, self.eps, self.selfmix = adapt, float(eps), selfmix
+        self.adapt, self.eps, self.selfmix, self.crossmix = adapt, float(eps), selfmix, crossmix
         self.mix, self.alpha, self.temperature, self.seed = mix, float(alpha), float(temperature), int(seed)
+        self.rho_h, self.tau_h = rho_h, tau_h
         k, n_img, n = bank.confidence.shape
         conf = bank.confidence.permute(1, 0, 2).reshape(n_img, k * n)      # all stored crops of an image
         hard = torch.zeros_like(conf, dtype=torch.bool)
@@ -220,6 +276,52 @@ class FerKD(Distiller):
                 "relabelled_mean_conf": float(conf[hard].mean()) if hard.any() else None,
                 "kept_mean_conf": float(conf[~hard].mean()) if (~hard).any() else None,
                 "dropped_fraction": float((self.weight == 0).float().mean())}
+
+    def region_stats(self, masks: Tensor | None = None, miss_below: float = 0.25) -> dict[str, float | None]:
+        """How the teacher does on the stored regions and what FerKD's mining rule picks (the premise).
+
+        Computed on the whole bank with the module's `rho_h`/`tau_h` whether or not `adapt` is on
+        (for FKD: the regions FerKD *would* relabel). Top-1 values in %, None for an empty bucket.
+        With the training images' object `masks` (N, H, W): the share of the object each region
+        contains (`object_coverage`); a region with less than `miss_below` of it is a miss (a hard
+        negative, mostly background).
+        """
+        bank = self.bank
+        k, n_img, n = bank.confidence.shape
+        conf = bank.confidence
+        if self.rho_h is None and self.tau_h is None:
+            mined = torch.zeros_like(conf, dtype=torch.bool)
+        else:
+            flat = hard_region_mask(conf.permute(1, 0, 2).reshape(n_img, k * n), self.rho_h, self.tau_h)
+            mined = flat.reshape(n_img, k, n).permute(1, 0, 2)
+        if bank.probs is not None:
+            pred = bank.probs.argmax(-1)
+        elif bank.topk_indices is not None:
+            pred = bank.topk_indices[..., 0].long()
+        else:
+            raise KdforgeError("region bank holds neither full labels nor top-k labels")
+        right = (pred == bank.labels[None, :, None]).float()
+
+        def mean(x: Tensor, where: Tensor, scale: float = 1.0) -> float | None:
+            return scale * float(x[where].float().mean()) if bool(where.any()) else None
+
+        every = torch.ones_like(mined)
+        out: dict[str, float | None] = {
+            "teacher_region_top1": mean(right, every, 100.0), "mined_fraction": float(mined.float().mean()),
+            "mined_teacher_top1": mean(right, mined, 100.0), "kept_teacher_top1": mean(right, ~mined, 100.0),
+            "mined_mean_conf": mean(conf, mined), "kept_mean_conf": mean(conf, ~mined)}
+        if masks is not None:
+            if masks.shape[0] != n_img:
+                raise KdforgeError(f"region_stats: {masks.shape[0]} object masks for a bank of {n_img} images")
+            cov = object_coverage(masks, bank.boxes.permute(1, 0, 2, 3)).permute(1, 0, 2)      # (K, N, n)
+            miss = cov < miss_below
+            out.update({
+                "region_object_coverage": mean(cov, every), "miss_fraction": float(miss.float().mean()),
+                "mined_object_coverage": mean(cov, mined), "kept_object_coverage": mean(cov, ~mined),
+                "mined_miss_fraction": mean(miss, mined), "kept_miss_fraction": mean(miss, ~mined),
+                "teacher_top1_on_misses": mean(right, miss, 100.0), "teacher_top1_on_hits": mean(right, ~miss, 100.0),
+                "misses_mined_fraction": mean(mined, miss)})
+        return out
 
     def targets(self, epoch: int, index: Tensor) -> tuple[Tensor, Tensor]:
         """(B * n, K) training targets of the stored crops and their (B * n,) loss weights."""
@@ -251,8 +353,11 @@ class FerKD(Distiller):
                              self.bank.size)
         target, weight = self.targets(batch.epoch, index)
         target, weight = target.to(dev), weight.to(dev)
-        if self.selfmix:
-            partner = selfmix_partner(idx, self.bank.num_crops, batch.epoch, self.seed)
+        if self.selfmix or self.crossmix:
+            if self.selfmix:        # FerKD: two crops of the same image
+                partner = selfmix_partner(idx, self.bank.num_crops, batch.epoch, self.seed)
+            else:                   # FKD's mixup_cutmix: any two crops of the batch
+                partner = crossmix_partner(views.shape[0], batch.epoch, batch.step, self.seed)
             mode, lam, box = self._mix_params(batch.epoch, batch.step, views.shape[-2], views.shape[-1])
             views, target, weight, _ = selfmix(views, target, partner, lam, mode, box, weight)
         logits = self.student(views)
@@ -291,6 +396,283 @@ class FerKD(Distiller):
             return cls(student, region_bank, **kwargs)
         except TypeError as err:
             raise KdforgeError(f"ferkd: {err}") from None
+
+    @classmethod
+    def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
+        """Run a task recipe (`kdforge train configs/methods/ferkd.yaml`): teacher, bank, student."""
+        from kdforge.train.stages import split_trainer
+
+        body, trainer = split_trainer(tree, source)
+        cfg = load_task_config(FerKDRecipe, body, name=source)
+        cfg.check(source)
+        return run_ferkd(cfg, run_dir, trainer, yaml.safe_dump(tree, sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# the task recipe: RandomResizedCrop teacher -> region bank -> student
+
+
+@dataclass
+class RRCConfig:
+    """RandomResizedCrop of a training view (torchvision's sampling rule, see `rrc_boxes`)."""
+
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    flip: bool = True
+
+
+@dataclass
+class FerKDData:
+    """The image data set (a registered name) and its validation split, fixed for every run seed."""
+
+    name: str = "objects_clutter"
+    args: dict[str, Any] = field(default_factory=dict)
+    root: str | None = None
+    val_fraction: float = 0.1       # held out of train for the per-epoch curve and for choosing settings
+    split_seed: int = 0             # the train/val split (the bank is built for one training set)
+    eval_batch_size: int = 256
+
+
+@dataclass
+class FerKDTeacher:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="resnet20"))
+    run: str | None = None          # a trained teacher (run directory or weights file): skips the teacher stage
+    seed: int = 0
+    rrc: RRCConfig | None = field(default_factory=RRCConfig)    # null: whole images (+ flip)
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(
+        epochs=15, batch_size=64, optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4),
+        schedule=ScheduleConfig(name="cosine")))
+
+
+@dataclass
+class FerKDBank:
+    """FKD's offline soft-label generation: `epochs` x `num_crops` RandomResizedCrop regions per image."""
+
+    epochs: int = 3
+    num_crops: int = 4
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    flip: bool = True
+    topk: int | None = None         # store full labels; e.g. 5 = FKD's top-5 "marginal smoothing"
+    seed: int | None = 0            # the regions; null: the run seed
+
+
+@dataclass
+class FerKDArgs:
+    """The student's labels and mixing; `adapt: false, selfmix: false` is plain FKD."""
+
+    adapt: bool = True
+    rho_h: float | None = 0.2
+    tau_h: float | None = None
+    eps: float = 0.1
+    rho_e: float = 0.0
+    selfmix: bool = True
+    crossmix: bool = False
+    mix: str = "cutmix"
+    alpha: float = 1.0
+    temperature: float = 1.0
+
+
+@dataclass
+class FerKDRecipe:
+    method: str = "ferkd"
+    seed: int = 0                   # the student: initialisation, batch order, mixing
+    data: FerKDData = field(default_factory=FerKDData)
+    teacher: FerKDTeacher = field(default_factory=FerKDTeacher)
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(name="resnet8"))
+    bank: FerKDBank = field(default_factory=FerKDBank)
+    ferkd: FerKDArgs = field(default_factory=FerKDArgs)
+    train: LoopConfig = field(default_factory=lambda: LoopConfig(
+        epochs=3, batch_size=32, optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4),
+        schedule=ScheduleConfig(name="cosine")))
+    final_stage: str = "student"    # "teacher": train only the teacher, into the run directory itself
+
+    def check(self, where: str) -> None:
+        if self.method != "ferkd":
+            raise ConfigError(f"{where}: method must be 'ferkd', got {self.method!r}")
+        if self.final_stage not in ("teacher", "student"):
+            raise ConfigError(f"{where}: final_stage must be 'teacher' or 'student', got {self.final_stage!r}")
+        if self.final_stage == "teacher" and self.teacher.run:
+            raise ConfigError(f"{where}: final_stage=teacher trains the teacher, but teacher.run already gives one")
+        if not 0.0 <= self.data.val_fraction < 1.0:
+            raise ConfigError(f"{where}: data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
+        if self.bank.epochs < 1 or self.bank.num_crops < 1:
+            raise ConfigError(f"{where}: bank.epochs and bank.num_crops must be >= 1")
+        for name, rrc in (("bank", self.bank), ("teacher.rrc", self.teacher.rrc)):
+            if rrc is not None and (len(rrc.scale) != 2 or len(rrc.ratio) != 2):
+                raise ConfigError(f"{where}: {name}.scale and {name}.ratio must be [min, max]")
+        if self.train.epochs < 1:
+            raise ConfigError(f"{where}: train.epochs must be >= 1, got {self.train.epochs}")
+        self.train.check(f"{where}: train")
+        self.teacher.loop.check(f"{where}: teacher.loop")
+
+
+def _data_config(d: FerKDData, batch_size: int, flip: bool = False) -> DataConfig:
+    return DataConfig(name=d.name, args=dict(d.args), root=d.root, batch_size=batch_size,
+                      eval_batch_size=d.eval_batch_size, val_fraction=d.val_fraction,
+                      augment=AugmentConfig(crop_padding=0, flip=flip, mixup=0.0, cutmix=0.0))
+
+
+class RRCTask(ClassificationTask):
+    """Labelled classification on RandomResizedCrop views: how FKD's teachers are trained.
+
+    View of sample i in epoch e: `rrc_boxes(i, e, rrc_seed)` cut from the normalised image and
+    resized back to the image size (`region_views`), a pure function of (seed, epoch, index).
+    `result()` adds the teacher's top-1 on 4 RandomResizedCrop regions of every test image
+    (`test_region_top1`): how reliable its region labels are.
+    """
+
+    def __init__(self, cfg: RunConfig, data: Any, rrc: RRCConfig | None, rrc_seed: int) -> None:
+        super().__init__(cfg, data)
+        self.rrc, self.rrc_seed = rrc, int(rrc_seed)
+
+    def make_batch(self, index: Tensor, epoch: int, step: int, images: Tensor | None = None,
+                   target: Tensor | None = None) -> Batch:
+        if self.rrc is None:
+            return super().make_batch(index, epoch, step, images, target)
+        if images is None or target is None:
+            images, target = self.source.fetch(index)
+        x = self.prepare(images)
+        h, w = x.shape[-2:]
+        boxes, flips = rrc_boxes(index.cpu(), epoch, self.rrc_seed, h, w, 1, self.rrc.scale, self.rrc.ratio,
+                                 self.rrc.flip)
+        x = region_views(x.contiguous(), boxes.to(x.device), flips.to(x.device), (h, w))
+        return Batch(images=x, target=target, index=index, epoch=epoch, step=step)
+
+    def result(self, module: nn.Module, env: Any, autocast: Any = None) -> dict[str, Any]:
+        out = super().result(module, env, autocast)
+        test = self.data.test
+        rrc = self.rrc or RRCConfig()
+        n, (_, h, w) = len(test), test.image_shape
+        idx = torch.arange(n)
+        boxes, flips = rrc_boxes(idx, 0, self.rrc_seed + 1, h, w, 4, rrc.scale, rrc.ratio, rrc.flip)
+        x = self.prepare(test.images)
+        probs = region_soft_labels(module.eval_model(), x, boxes.to(x.device), flips.to(x.device), (h, w))
+        right = probs.argmax(1).cpu() == test.labels.repeat_interleave(4)
+        out["test_region_top1"] = 100.0 * float(right.float().mean())
+        return out
+
+
+class FerKDTask(ClassificationTask):
+    """The student stage: FKD/FerKD on the stored regions; result.json also holds the region statistics.
+
+    `region_stats` (teacher top-1 on the stored regions, what the mining rule picks and, when the
+    data set gives object masks, how much of the object those regions contain) is what the
+    experiment's premise reads; `bank_time_s` is the time spent building the bank in this run
+    (0 when it was reused).
+    """
+
+    def __init__(self, cfg: RunConfig, data: Any, bank_time_s: float = 0.0) -> None:
+        super().__init__(cfg, data)
+        self.bank_time_s = float(bank_time_s)
+
+    def result(self, module: nn.Module, env: Any, autocast: Any = None) -> dict[str, Any]:
+        out = super().result(module, env, autocast)
+        ferkd = self.distiller
+        if isinstance(ferkd, FerKD):
+            masks = getattr(self.data.train, "extra", {}).get("mask")
+            out.update(ferkd.region_stats(masks))
+            stats = ferkd.relabel_stats()
+            out.update({"relabelled_fraction": stats["relabelled_fraction"],
+                        "dropped_fraction": stats["dropped_fraction"]})
+        out["bank_time_s"] = round(self.bank_time_s, 2)
+        return out
+
+
+def _teacher_weights(path: Path) -> Path:
+    """A teacher run directory resolves to its last checkpoint (as `teacher.checkpoint` does); a file is used as is."""
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.safetensors", path / "model.safetensors"):
+            if candidate.is_file():
+                return candidate
+        raise KdforgeError(f"ferkd: no teacher checkpoint in {path} (expected checkpoints/last.safetensors)")
+    if not path.is_file():
+        raise KdforgeError(f"ferkd: teacher checkpoint not found: {path}")
+    return path
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def ensure_bank(cfg: FerKDRecipe, data: Any, teacher_dir: Path, run_dir: Path) -> tuple[Path, float]:
+    """The region bank of (teacher, training set, bank settings): loaded when stored, else built.
+
+    Stored beside the teacher (`<teacher>/banks/bank-<key>.pt`, the key hashing the teacher's
+    weights, the data and the bank settings), so every run that uses this teacher with these
+    settings shares one bank, as FKD generates its soft labels once. Returns (path, seconds
+    spent building it here; 0 when reused).
+    """
+    from kdforge.train.build import load_weights
+
+    weights = _teacher_weights(Path(teacher_dir).expanduser())
+    b = cfg.bank
+    seed = cfg.seed if b.seed is None else b.seed
+    key = cache_key({"teacher": cfg.teacher.model.name, "teacher_args": cfg.teacher.model.args,
+                     "weights": _file_digest(weights), "data": asdict(cfg.data), "epochs": b.epochs,
+                     "num_crops": b.num_crops, "scale": list(b.scale), "ratio": list(b.ratio), "flip": b.flip,
+                     "topk": b.topk, "seed": seed, "version": 1})
+    base = weights.parent.parent if weights.parent.name == "checkpoints" else weights.parent
+    path = base / "banks" / f"bank-{key}.pt"
+    if path.is_file():
+        return path, 0.0
+    t0 = time.time()
+    train = data.train
+    c, _, _ = train.image_shape
+    teacher = create_model(cfg.teacher.model.name, num_classes=train.num_classes, in_channels=c,
+                           **cfg.teacher.model.args)
+    load_weights(teacher, weights, f"teacher ({cfg.teacher.model.name})")
+    bank = precompute_region_bank(teacher, train.images, train.labels, train.num_classes, b.epochs, b.num_crops,
+                                  seed, b.scale, b.ratio, b.flip, topk=b.topk, mean=train.mean, std=train.std)
+    try:
+        atomic_torch_save(bank.state(), path)
+    except (OSError, KdforgeError):             # a read-only teacher directory: keep the bank with the run
+        path = run_dir / "stages" / f"bank-{key}.pt"
+        atomic_torch_save(bank.state(), path)
+    return path, time.time() - t0
+
+
+def _teacher_identity(cfg: FerKDRecipe) -> dict[str, Any]:
+    """The settings that define the teacher (and the training set its bank is built for)."""
+    teacher = asdict(cfg.teacher)
+    teacher.pop("run")
+    return {"data": asdict(cfg.data), "teacher": teacher}
+
+
+def run_ferkd(cfg: FerKDRecipe, run_dir: str | Path, trainer: TrainerConfig | None = None,
+              config_text: str | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Teacher stage (unless `teacher.run`), region bank, then the student in `run_dir` itself."""
+    from kdforge.train.build import load_data
+    from kdforge.train.stages import loop_settings, run_stage, shared_recipe
+
+    run_dir = Path(run_dir)
+    text = config_text or yaml.safe_dump(asdict(cfg), sort_keys=False)
+    t = cfg.teacher
+    if t.run:
+        teacher_dir = Path(t.run).expanduser()
+        if not teacher_dir.exists():
+            raise KdforgeError(f"ferkd: teacher.run {teacher_dir} does not exist (train it first, or drop teacher.run "
+                               "to train the teacher as a stage of this run)")
+        if teacher_dir.is_dir():        # another ferkd run's teacher: it must be this recipe's teacher
+            shared_recipe(teacher_dir, FerKDRecipe, cfg, _teacher_identity, "ferkd", what="teacher.run")
+    else:
+        settings = loop_settings(t.loop, t.seed, trainer)
+        settings.data = _data_config(cfg.data, t.loop.batch_size, flip=t.rrc is None)
+        settings.student = ModelConfig(name=t.model.name, args=dict(t.model.args))
+        data = load_data(settings.data, cfg.data.split_seed)
+        task = RRCTask(settings, data, t.rrc, rrc_seed=t.seed + 1_000_003)
+        name = None if cfg.final_stage == "teacher" else "teacher"
+        stage = run_stage(run_dir, name, settings, task, text, quiet=quiet)
+        if stage.stopped or cfg.final_stage == "teacher":
+            return stage.result
+        teacher_dir = stage.run_dir
+    settings = loop_settings(cfg.train, cfg.seed, trainer)
+    settings.data = _data_config(cfg.data, cfg.train.batch_size)
+    data = load_data(settings.data, cfg.data.split_seed)
+    bank_path, bank_time = ensure_bank(cfg, data, teacher_dir, run_dir)
+    settings.student = ModelConfig(name=cfg.student.name, args=dict(cfg.student.args))
+    settings.method = MethodConfig(name="ferkd", args={"bank": str(bank_path), **asdict(cfg.ferkd)})
+    return run_stage(run_dir, None, settings, FerKDTask(settings, data, bank_time), text, quiet=quiet).result
 
 
 METHODS.register("ferkd", FerKD, family="classification",

@@ -192,6 +192,33 @@ def region_soft_labels(teacher: nn.Module, images: Tensor, boxes: Tensor, flips:
     return torch.cat(outs)
 
 
+def object_coverage(masks: Tensor, boxes: Tensor) -> Tensor:
+    """Share of each image's object that a region contains: masks (N, H, W), boxes (N, ..., 4) -> (N, ...).
+
+    `masks` are the images' object masks (bool or {0, 1}); `boxes` (top, left, height, width)
+    regions of the same images (any number per image). 1 = the whole object is in the region,
+    0 = only background (a hard negative). Images without object pixels get coverage 0.
+    Exact pixel counts from one integral image per mask.
+    """
+    if masks.dim() != 3 or boxes.shape[0] != masks.shape[0] or boxes.shape[-1] != 4:
+        raise KdforgeError(f"object_coverage expects masks (N, H, W) and boxes (N, ..., 4), got "
+                           f"{tuple(masks.shape)} and {tuple(boxes.shape)}")
+    n = masks.shape[0]
+    ii = F.pad(masks.to(torch.float64).cumsum(1).cumsum(2), (1, 0, 1, 0))     # (N, H+1, W+1)
+    flat = boxes.reshape(n, -1, 4).long().cpu()
+    top, left, bh, bw = flat.unbind(-1)
+    img = torch.arange(n)[:, None].expand_as(top)
+    ii = ii.cpu()
+
+    def at(r: Tensor, c: Tensor) -> Tensor:
+        return ii[img, r, c]
+
+    inside = at(top + bh, left + bw) - at(top, left + bw) - at(top + bh, left) + at(top, left)
+    total = ii[:, -1, -1][:, None]
+    cov = torch.where(total > 0, inside / total.clamp(min=1.0), torch.zeros_like(inside))
+    return cov.float().reshape(boxes.shape[:-1])
+
+
 # ---------------------------------------------------------------------------------------------
 # the offline soft-label bank
 
