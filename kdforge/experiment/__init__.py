@@ -32,7 +32,12 @@ def run_experiment(path: str | Path, jobs: int = 1, only: str | None = None, out
     if any("=" not in o for o in extra):
         raise KdforgeError(f"experiment overrides must look like key.sub=value, got {extra}")
     cfg.overrides = [*cfg.overrides, *extra]       # every arm (not the stages); recorded in the report
-    default_root = Path("runs") / "experiments" / (cfg.id + (f"-{profile}" if profile else ""))
+    tag = cfg.id + (f"-{profile}" if profile else "")
+    if extra:       # other overrides, other runs: never reuse the cells of the plain experiment
+        import hashlib
+
+        tag += "-" + hashlib.sha1("\n".join(extra).encode()).hexdigest()[:8]
+    default_root = Path("runs") / "experiments" / tag
     root = Path(out) if out is not None else default_root
     stages, arms = plan(cfg, root)
     selection = parse_only(only)
