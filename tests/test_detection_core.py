@@ -1,0 +1,117 @@
+"""Detection groundwork: IoU and NMS against plain references, COCO JSON validation, COCO AP known answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdforge.errors import KdforgeError
+from kdforge.tasks.detection.boxes import batched_nms, box_iou, nms, xywh_to_xyxy, xyxy_to_xywh
+from kdforge.tasks.detection.coco import load_coco, save_coco, validate
+from kdforge.tasks.detection.metrics import coco_ap
+
+
+def _reference_nms(boxes: list[list[float]], scores: list[float], thr: float) -> list[int]:
+    """Textbook greedy NMS, one box at a time in plain Python."""
+    def iou(a, b):
+        iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        inter = iw * ih
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+        return inter / union if union > 0 else 0.0
+    order = sorted(range(len(boxes)), key=lambda i: (-scores[i], i))
+    keep = []
+    for i in order:
+        if all(iou(boxes[i], boxes[k]) <= thr for k in keep):
+            keep.append(i)
+    return keep
+
+
+def test_iou_hand_case_and_conversions() -> None:
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
+    b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [2.0, 2.0, 4.0, 4.0], [0.0, 0.0, 2.0, 2.0]])
+    assert torch.allclose(box_iou(a, b), torch.tensor([[1 / 7, 0.0, 1.0]]))
+    xywh = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    assert torch.equal(xywh_to_xyxy(xywh), torch.tensor([[1.0, 2.0, 4.0, 6.0]]))
+    assert torch.equal(xyxy_to_xywh(xywh_to_xyxy(xywh)), xywh)
+    with pytest.raises(KdforgeError, match=r"\(N, 4\)"):
+        box_iou(torch.zeros(3), b)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_nms_matches_the_plain_reference(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(60, 2, generator=g) * 50
+    wh = torch.rand(60, 2, generator=g) * 20 + 1
+    boxes = torch.cat([xy, xy + wh], 1)
+    scores = torch.rand(60, generator=g).round(decimals=1)          # ties on purpose
+    for thr in (0.3, 0.5, 0.7):
+        assert nms(boxes, scores, thr).tolist() == _reference_nms(boxes.tolist(), scores.tolist(), thr)
+
+
+def test_batched_nms_never_suppresses_across_classes() -> None:
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.5, 0.5, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0]])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    classes = torch.tensor([0, 0, 1])
+    assert sorted(batched_nms(boxes, scores, classes, 0.5).tolist()) == [0, 2]
+    assert nms(boxes, scores, 0.5).tolist() == [0]
+
+
+def _coco(tmp_path: Path, annotations: list[dict]) -> Path:
+    tree = {"images": [{"id": 1, "file_name": "a.png", "width": 20, "height": 10}],
+            "categories": [{"id": 3, "name": "disc"}], "annotations": annotations}
+    return save_coco(tree, tmp_path / "ann.json")
+
+
+@pytest.mark.parametrize(("ann", "reason", "message"), [
+    ({"image_id": 1, "category_id": 3, "bbox": [15, 2, 8, 4]}, "outside_image", "outside the 20x10 image"),
+    ({"image_id": 1, "category_id": 3, "bbox": [1, 1, 0, 4]}, "bad_size", "non-positive size"),
+    ({"image_id": 1, "category_id": 9, "bbox": [1, 1, 2, 2]}, "unknown_category", "9 is not among"),
+    ({"image_id": 7, "category_id": 3, "bbox": [1, 1, 2, 2]}, "unknown_image", "7 names no image"),
+    ({"image_id": 1, "category_id": 3, "bbox": [1, 1, 2]}, "bad_size", "four finite numbers"),
+])
+def test_bad_annotations_fail_naming_file_image_and_field_or_are_dropped_and_counted(
+        tmp_path: Path, ann: dict, reason: str, message: str) -> None:
+    good = {"image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5]}
+    path = _coco(tmp_path, [good, ann])
+    with pytest.raises(KdforgeError) as err:
+        load_coco(path)
+    text = str(err.value)
+    assert str(path) in text and f"image {ann['image_id']}" in text and message in text and "\n" not in text
+    data = load_coco(path, on_bad="drop")
+    assert data.annotations == [good] and data.dropped == {reason: 1}
+
+
+def test_missing_image_file_and_broken_json_fail_in_one_line(tmp_path: Path) -> None:
+    path = _coco(tmp_path, [])
+    with pytest.raises(KdforgeError, match=r"image 1: 'file_name' 'a.png' not found"):
+        load_coco(path, image_root=tmp_path)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(KdforgeError, match="not valid JSON"):
+        load_coco(tmp_path / "bad.json")
+    with pytest.raises(KdforgeError, match="'annotations' is missing"):
+        validate({"images": [], "categories": []}, "x.json")
+
+
+def test_coco_ap_known_answers() -> None:
+    images = [{"id": i, "file_name": f"{i}.png", "width": 100, "height": 100} for i in (1, 2)]
+    gt_boxes = {1: [10, 10, 40, 40], 2: [50, 50, 30, 30]}
+    gt = validate({"images": images, "categories": [{"id": 1, "name": "a"}],
+                   "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": b}
+                                   for i, b in gt_boxes.items()]}, "gt")
+    exact = [{"image_id": i, "category_id": 1, "bbox": b, "score": 0.9} for i, b in gt_boxes.items()]
+    assert coco_ap(gt, exact)["AP"] == pytest.approx(100.0)
+    # shifted by 10 px: IoU 30*40 / (2*1600 - 1200) = 0.6 for image 1 and 20*30/(2*900-600) = 0.5 for image 2
+    shifted = [{"image_id": 1, "category_id": 1, "bbox": [20, 10, 40, 40], "score": 0.9},
+               {"image_id": 2, "category_id": 1, "bbox": [60, 50, 30, 30], "score": 0.9}]
+    res = coco_ap(gt, shifted)
+    assert res["AP50"] == pytest.approx(100.0) and res["AP75"] == pytest.approx(0.0)
+    # image 2's box (900 px^2) is "small" (< 32^2) with IoU 0.5: 1 of the 10 thresholds 0.5:0.95 matches;
+    # image 1's (1600 px^2) is "medium" with IoU 0.6: 3 of 10 (0.5, 0.55, 0.6); nothing is "large" (> 96^2)
+    assert res["AP_small"] == pytest.approx(10.0) and res["AP_medium"] == pytest.approx(30.0)
+    assert res["AP_large"] is None
+    assert coco_ap(gt, [])["AP"] == 0.0
+    assert json.dumps(res)                            # plain floats / None
