@@ -115,3 +115,48 @@ def test_coco_ap_known_answers() -> None:
     assert res["AP_large"] is None
     assert coco_ap(gt, [])["AP"] == 0.0
     assert json.dumps(res)                            # plain floats / None
+
+
+def test_procedural_scenes_are_seeded_valid_coco_with_tight_boxes() -> None:
+    from kdforge.tasks.detection.scenes import procedural_scenes
+
+    images, data = procedural_scenes(12, num_classes=5, size=48, max_objects=4, seed=3)
+    again, data2 = procedural_scenes(12, num_classes=5, size=48, max_objects=4, seed=3)
+    assert torch.equal(images, again) and data.annotations == data2.annotations
+    assert images.shape == (12, 3, 48, 48) and images.dtype == torch.uint8
+    assert len(data.images) == 12 and {a["category_id"] for a in data.annotations} <= {1, 2, 3, 4, 5}
+    per_image = [sum(a["image_id"] == i + 1 for a in data.annotations) for i in range(12)]
+    assert min(per_image) >= 1 and max(per_image) <= 4 and not data.dropped
+    areas = [a["bbox"][2] * a["bbox"][3] for a in data.annotations]
+    assert min(areas) < 64 < max(areas)                  # small and larger objects
+    # a one-object scene: the box is exactly the extent of the pixels that differ from the background
+    img1, one = procedural_scenes(1, num_classes=3, size=32, max_objects=1, clutter=0.0, seed=5)
+    x, y, w, h = (int(v) for v in one.annotations[0]["bbox"])
+    background = img1[0, :, 0, 0][:, None, None].int()
+    differs = ((img1[0].int() - background).abs().amax(0) > 40).nonzero()
+    assert (differs[:, 1].min(), differs[:, 0].min()) == (x, y)
+    assert (differs[:, 1].max() - x + 1, differs[:, 0].max() - y + 1) == (w, h)
+    assert procedural_scenes(3, seed=4)[1].annotations != procedural_scenes(3, seed=5)[1].annotations
+
+
+def test_noisy_boxes_and_incremental_split() -> None:
+    from kdforge.tasks.detection.scenes import incremental_split, noisy_boxes, procedural_scenes
+
+    _, data = procedural_scenes(20, num_classes=6, size=64, seed=1)
+    assert noisy_boxes(data, 0.0).annotations == data.annotations
+    noisy = noisy_boxes(data, 0.2, seed=2)
+    assert noisy_boxes(data, 0.2, seed=2).annotations == noisy.annotations
+    moved = 0
+    for a, b in zip(data.annotations, noisy.annotations):
+        (x, y, w, h), (nx, ny, nw, nh) = a["bbox"], b["bbox"]
+        assert abs((nx + nw / 2) - (x + w / 2)) <= 0.2 * w + 1e-6 or nx == 0 or nx + nw >= 63
+        assert abs((ny + nh / 2) - (y + h / 2)) <= 0.2 * h + 1e-6 or ny == 0 or ny + nh >= 63
+        assert nx >= 0 and ny >= 0 and nx + nw <= 64 and ny + nh <= 64 and nw > 0 and nh > 0
+        moved += (a["bbox"] != b["bbox"])
+    assert moved > len(data.annotations) // 2
+    old, new = incremental_split(data, 4)
+    assert {c["id"] for c in old.categories} == {1, 2, 3, 4} and {c["id"] for c in new.categories} == {5, 6}
+    assert len(old.annotations) + len(new.annotations) == len(data.annotations)
+    assert old.images == new.images == data.images
+    with pytest.raises(KdforgeError, match="old_classes"):
+        incremental_split(data, 6)
