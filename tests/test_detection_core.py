@@ -160,3 +160,53 @@ def test_noisy_boxes_and_incremental_split() -> None:
     assert old.images == new.images == data.images
     with pytest.raises(KdforgeError, match="old_classes"):
         incremental_split(data, 6)
+
+
+def _rect_image(size: int, box: list[int]) -> torch.Tensor:
+    img = torch.zeros(1, 3, size, size)
+    x1, y1, x2, y2 = box
+    img[:, :, y1:y2, x1:x2] = 1.0
+    return img
+
+
+def test_augmentation_identity_and_boxes_follow_the_pixels() -> None:
+    from kdforge.tasks.detection.augment import ViewParams, augment_batch, view_params
+
+    img = _rect_image(32, [4, 6, 20, 14])
+    box = [torch.tensor([[4.0, 6.0, 20.0, 14.0]])]
+    lab = [torch.tensor([2])]
+    ident = ViewParams(torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
+                       torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.bool))
+    out, bx, lb, dropped = augment_batch(img, box, lab, ident, 32)
+    assert torch.allclose(out, img, atol=1e-5) and torch.equal(bx[0], box[0]) and dropped == 0
+    for seed in range(6):       # random views: the warped box is the extent of the bright pixels
+        p = view_params(torch.tensor([seed]), 0, seed, (32, 32), 32, (0.6, 1.6))
+        out, bx, lb, dropped = augment_batch(img, box, lab, p, 32, min_visible=0.0)
+        bright = (out[0].mean(0) > 0.5).nonzero()
+        if len(bx[0]) == 0:
+            assert len(bright) == 0
+            continue
+        x1, y1, x2, y2 = bx[0][0].tolist()
+        assert abs(bright[:, 1].min().item() - x1) <= 1 and abs(bright[:, 1].max().item() + 1 - x2) <= 1
+        assert abs(bright[:, 0].min().item() - y1) <= 1 and abs(bright[:, 0].max().item() + 1 - y2) <= 1
+        assert lb[0].tolist() == [2]
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index_and_drops_by_rule() -> None:
+    from kdforge.tasks.detection.augment import ViewParams, augment_batch, view_params
+
+    a = view_params(torch.tensor([5, 9, 11]), 2, 7, (32, 32), 32)
+    b = view_params(torch.tensor([11, 5]), 2, 7, (32, 32), 32)
+    assert a.scale[2] == b.scale[0] and a.offset_x[0] == b.offset_x[1] and a.flip[2] == b.flip[0]
+    c = view_params(torch.tensor([5]), 3, 7, (32, 32), 32)
+    assert (c.scale[0], c.offset_x[0]) != (a.scale[0], a.offset_x[0])
+    flips = view_params(torch.arange(400), 0, 1, (32, 32), 32).flip.float().mean()
+    assert 0.4 < float(flips) < 0.6
+    # a view shifted so a box keeps 25% of its area: dropped under min_visible 0.3, kept under 0.2
+    img = _rect_image(32, [0, 0, 8, 8])
+    shift = ViewParams(torch.ones(1, dtype=torch.float64), torch.tensor([-6.0], dtype=torch.float64),
+                       torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.bool))
+    box, lab = [torch.tensor([[0.0, 0.0, 8.0, 8.0]])], [torch.tensor([0])]
+    assert augment_batch(img, box, lab, shift, 32, min_visible=0.3)[3] == 1
+    kept = augment_batch(img, box, lab, shift, 32, min_visible=0.2)[1][0]
+    assert torch.allclose(kept, torch.tensor([[0.0, 0.0, 2.0, 8.0]]))

@@ -4,5 +4,6 @@ Built so far: `boxes` (conversions, pairwise IoU, batched NMS in plain torch), `
 in and out, validated: a bad annotation fails naming the file, the image id and the field, or is
 dropped by a documented, counted rule), `metrics` (COCO AP via pycocotools, the `detection`
 extra) and `scenes` (seeded procedural scenes as COCO data, noisy boxes, class-incremental
-splits). Still to come: box-aware batched augmentation, detectors, the Task and the four methods.
+splits) and `augment` (batched, seeded, box-aware resize + crop/pad + flip). Still to come: the
+detectors, the Task and the four methods.
 """
