@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,60 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index_and_drops_by_rule() 
     assert augment_batch(img, box, lab, shift, 32, min_visible=0.3)[3] == 1
     kept = augment_batch(img, box, lab, shift, 32, min_visible=0.2)[1][0]
     assert torch.allclose(kept, torch.tensor([[0.0, 0.0, 2.0, 8.0]]))
+
+
+def test_fcos_assignment_hand_case_and_smallest_box_wins() -> None:
+    from kdforge.tasks.detection.fcos import fcos_targets, locations
+
+    pts = [locations(4, 4, 8)]                         # centres 4, 12, 20, 28
+    cls, ltrb = fcos_targets(pts, [8], torch.tensor([[0.0, 0.0, 16.0, 16.0]]), torch.tensor([2]),
+                             ranges=[(0.0, float("inf"))])
+    pos = (cls >= 0).nonzero()[:, 0].tolist()
+    assert pos == [0, 1, 4, 5] and set(cls[pos].tolist()) == {2}
+    assert ltrb[0].tolist() == [4.0, 4.0, 12.0, 12.0]
+    nested = torch.tensor([[0.0, 0.0, 32.0, 32.0], [8.0, 8.0, 16.0, 16.0]])
+    cls, _ = fcos_targets(pts, [8], nested, torch.tensor([0, 1]), ranges=[(0.0, float("inf"))])
+    assert cls[5].item() == 1 and cls[0].item() == 0      # (12, 12) is in both: the small box wins
+
+
+def test_giou_loss_and_focal_loss_hand_cases() -> None:
+    from kdforge.tasks.detection.fcos import giou_loss, sigmoid_focal_loss
+
+    t = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    assert giou_loss(t, t).item() == pytest.approx(0.0, abs=1e-6)
+    # half-size box at the same point: IoU 1/4, enclosing box = target -> loss 0.75
+    assert giou_loss(torch.tensor([[0.5, 0.5, 0.5, 0.5]]), t).item() == pytest.approx(0.75)
+    logits, targets = torch.tensor([0.0]), torch.tensor([1.0])
+    assert sigmoid_focal_loss(logits, targets).item() == pytest.approx(0.25 * 0.25 * math.log(2))
+
+
+def test_fcos_exposes_raw_outputs_learns_and_decodes() -> None:
+    from kdforge.models import create_model
+    from kdforge.tasks.detection.fcos import FCOS, decode, fcos_loss
+    from kdforge.tasks.detection.scenes import procedural_scenes
+
+    torch.manual_seed(0)
+    images, data = procedural_scenes(4, num_classes=3, size=32, max_objects=2, min_scale=0.25, seed=0)
+    x = images.float() / 255
+    boxes = [xywh_to_xyxy(torch.tensor([a["bbox"] for a in data.annotations if a["image_id"] == i + 1]))
+             for i in range(4)]
+    labels = [torch.tensor([a["category_id"] - 1 for a in data.annotations if a["image_id"] == i + 1])
+              for i in range(4)]
+    model = FCOS(create_model("convnet", num_classes=3, width=8), ["feat2", "feat3"], 3, width=16,
+                 probe_size=32)
+    out = model(x)
+    assert [t.shape[1] for t in out["cls"]] == [3, 3] and model.strides == [2, 4]
+    assert all(bool((t >= 0).all()) for t in out["box"])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(40):
+        losses = fcos_loss(model, model(x), boxes, labels)
+        total = sum(losses.values())
+        first = float(total.detach()) if first is None else first
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    assert float(total.detach()) < 0.6 * first
+    dets = decode(model.eval(), model(x), score_threshold=0.05)
+    assert len(dets) == 4 and all(d["boxes"].shape[1] == 4 for d in dets)
+    assert len(dets[0]["boxes"]) > 0 and float(box_iou(dets[0]["boxes"], boxes[0]).max()) > 0.3

@@ -4,6 +4,9 @@ Built so far: `boxes` (conversions, pairwise IoU, batched NMS in plain torch), `
 in and out, validated: a bad annotation fails naming the file, the image id and the field, or is
 dropped by a documented, counted rule), `metrics` (COCO AP via pycocotools, the `detection`
 extra) and `scenes` (seeded procedural scenes as COCO data, noisy boxes, class-incremental
-splits) and `augment` (batched, seeded, box-aware resize + crop/pad + flip). Still to come: the
-detectors, the Task and the four methods.
+splits), `augment` (batched, seeded, box-aware resize + crop/pad + flip) and `fcos` (a dense
+one-stage detector: FPN + shared head with raw per-level outputs, FCOS assignment, focal + GIoU +
+centerness losses, decoding with batched NMS). Still to come: teacher/student detector sizes, the
+two-stage and query detectors, the detection Task (trainer, COCO eval, predictions PNG) and the
+four methods.
 """
