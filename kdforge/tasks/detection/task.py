@@ -1,0 +1,164 @@
+"""Object detection as a Task on the one Trainer: seeded box-aware batches, a detector, COCO AP, a picture.
+
+Data: uint8 images (N, 3, H, W) with COCO annotations (`CocoData`, image ids 1..N in order).
+Batches: `stream_batch` positions, each view a pure function of (seed, epoch, position)
+(`augment.view_params`). Evaluation: COCO AP / AP50 / AP75 / AP-small/medium/large from
+pycocotools on the test split, after training (no selection on the test split). The module is a
+`TaskModule` around the detector; its `forward(batch)` returns the detector's losses as task terms
+and the raw outputs, so distillation terms can read them.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdforge.distill.distiller import Step
+from kdforge.tasks.base import Task, TaskModule, rank_share, stream_batch
+from kdforge.tasks.detection.augment import augment_batch, view_params
+from kdforge.tasks.detection.boxes import xywh_to_xyxy
+from kdforge.tasks.detection.coco import CocoData
+from kdforge.tasks.detection.fcos import FCOS, decode, fcos_loss
+from kdforge.tasks.detection.metrics import coco_ap
+from kdforge.train.checkpoint import atomic_write_bytes
+from kdforge.train.distributed import DistEnv
+
+__all__ = ["DetectionBatch", "DetectionData", "DetectionTask", "DetectorModule"]
+
+MEAN, STD = 0.5, 0.25
+
+
+@dataclass
+class DetectionData:
+    """One split: uint8 images and their COCO annotations (category ids 1..K map to labels 0..K-1)."""
+
+    images: Tensor
+    coco: CocoData
+
+    def targets(self, i: int) -> tuple[Tensor, Tensor]:
+        """(xyxy boxes, labels) of image position `i`."""
+        image_id = self.coco.images[i]["id"]
+        anns = [a for a in self.coco.annotations if a["image_id"] == image_id]
+        if not anns:
+            return torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
+        return (xywh_to_xyxy(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32)),
+                torch.tensor([a["category_id"] - 1 for a in anns], dtype=torch.long))
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclass
+class DetectionBatch:
+    images: Tensor
+    boxes: list[Tensor]
+    labels: list[Tensor]
+    index: Tensor
+
+
+class DetectorModule(TaskModule):
+    """The trained detector (`student`); its losses are the task group."""
+
+    def __init__(self, detector: FCOS) -> None:
+        super().__init__()
+        self.student = detector
+
+    def eval_model(self) -> nn.Module:
+        return self.student
+
+    def forward(self, batch: DetectionBatch) -> Step:
+        out = self.student(batch.images)
+        losses = fcos_loss(self.student, out, batch.boxes, batch.labels)
+        return Step(outputs=out["cls"][0].detach(), losses=losses, groups={k: "task" for k in losses},
+                    extras={"raw": out})
+
+
+class DetectionTask(Task):
+    name = "detection"
+
+    def __init__(self, detector: FCOS, train: DetectionData, test: DetectionData, batch_size: int, seed: int = 0,
+                 scale_range: tuple[float, float] = (0.75, 1.25), flip: bool = True) -> None:
+        self.detector, self.train, self.test = detector, train, test
+        self.batch_size, self.seed, self.scale_range, self.flip = batch_size, seed, tuple(scale_range), flip
+        self.size = int(train.images.shape[-1])
+        self._targets = [train.targets(i) for i in range(len(train))]
+
+    def build(self, device: torch.device, env: DistEnv) -> nn.Module:
+        self.device = device
+        return DetectorModule(self.detector).to(device)
+
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.train) // self.batch_size)
+
+    def batch(self, epoch: int, step: int, env: DistEnv) -> DetectionBatch:
+        k = epoch * self.steps_per_epoch() + step
+        idx = rank_share(stream_batch(len(self.train), self.batch_size, k, self.seed, 5), env)
+        params = view_params(idx, epoch, self.seed, (self.size, self.size), self.size, self.scale_range, self.flip)
+        x, boxes, labels, _ = augment_batch(self.train.images[idx].float() / 255,
+                                            [self._targets[i][0] for i in idx.tolist()],
+                                            [self._targets[i][1] for i in idx.tolist()], params, self.size)
+        return DetectionBatch(((x - MEAN) / STD).to(self.device), [b.to(self.device) for b in boxes],
+                              [lb.to(self.device) for lb in labels], idx.to(self.device))
+
+    @torch.no_grad()
+    def predictions(self, module: nn.Module, data: DetectionData) -> list[dict[str, Tensor]]:
+        net = module.eval_model()
+        was = net.training
+        net.eval()
+        out: list[dict[str, Tensor]] = []
+        for start in range(0, len(data), 64):
+            x = (data.images[start:start + 64].float() / 255 - MEAN) / STD
+            out += decode(net, net(x.to(self.device)))
+        net.train(was)
+        return out
+
+    def evaluate(self, module: nn.Module, split: str, env: DistEnv, autocast: Any = None) -> dict[str, float]:
+        data = {"train": self.train, "test": self.test}[split]
+        detections = []
+        for img, det in zip(data.coco.images, self.predictions(module, data)):
+            for box, score, label in zip(det["boxes"].cpu().tolist(), det["scores"].cpu().tolist(),
+                                         det["labels"].cpu().tolist()):
+                x1, y1, x2, y2 = box
+                detections.append({"image_id": img["id"], "category_id": int(label) + 1,
+                                   "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
+        return coco_ap(data.coco, detections)
+
+    def describe(self) -> dict[str, Any]:
+        return {"task": self.name, "detector": type(self.detector).__name__, "strides": self.detector.strides}
+
+    def draw(self, module: nn.Module, path: Path) -> bool:
+        """Test images with ground truth (green) and predictions above 0.3 (red, with scores)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Rectangle
+
+        count = min(8, len(self.test))
+        dets = self.predictions(module, DetectionData(self.test.images[:count], self.test.coco))
+        fig, axes = plt.subplots(2, (count + 1) // 2, figsize=(2.4 * ((count + 1) // 2), 5), squeeze=False)
+        for i, ax in enumerate(axes.flat):
+            ax.axis("off")
+            if i >= count:
+                continue
+            ax.imshow(self.test.images[i].permute(1, 2, 0).numpy())
+            gt, _ = self.test.targets(i)
+            for x1, y1, x2, y2 in gt.tolist():
+                ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, color="lime", lw=1))
+            keep = dets[i]["scores"] > 0.3
+            for (x1, y1, x2, y2), s in zip(dets[i]["boxes"][keep].tolist(), dets[i]["scores"][keep].tolist()):
+                ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, color="red", lw=1))
+                ax.text(x1, y1, f"{s:.2f}", color="red", fontsize=6)
+        fig.suptitle("test: ground truth (green), predictions > 0.3 (red)", fontsize=9)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=80)
+        plt.close(fig)
+        atomic_write_bytes(path, buf.getvalue())
+        return True
+

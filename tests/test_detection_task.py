@@ -1,0 +1,28 @@
+"""The detection Task on the one Trainer: a `method: detector` recipe trains, evaluates (COCO AP), draws, resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from recipe_checks import assert_resume_exact
+
+from kdforge.cli import main
+
+RECIPE = Path(__file__).resolve().parents[1] / "configs/detection/fcos.yaml"
+TINY = ["data.num_train=48", "data.num_test=16", "data.size=32", "train.epochs=2", "train.batch_size=8",
+        "model.backbone_args={width: 4}", "model.width=8", "trainer.progress=false", "trainer.threads=1"]
+
+
+def test_detector_recipe_writes_a_run_directory_with_coco_metrics_and_a_picture(tmp_path: Path) -> None:
+    assert main(["train", str(RECIPE), *TINY, "--out", str(tmp_path / "run")]) == 0
+    result = json.loads((tmp_path / "run/result.json").read_text())
+    for key in ("test_AP", "test_AP50", "test_AP75", "test_AP_small"):
+        assert key in result and (result[key] is None or 0.0 <= result[key] <= 100.0)
+    assert result["steps"] == 12 and (tmp_path / "run/predictions.png").stat().st_size > 1000
+    rows = (tmp_path / "run/metrics.csv").read_text().splitlines()
+    assert "train_cls" in rows[0] and "train_box" in rows[0] and "train_ctr" in rows[0] and len(rows) == 3
+
+
+def test_detector_stop_and_resume_is_bit_identical(tmp_path: Path) -> None:
+    assert_resume_exact(RECIPE, TINY, tmp_path, stop_after=8)
