@@ -7,6 +7,7 @@ are always detached inside the losses, so no gradient reaches the teacher throug
 from kdforge.losses import autokd  # noqa: F401  (registers the searched Auto-KD distiller loss)
 from kdforge.losses.at import ATLoss, at_loss, attention_map
 from kdforge.losses.base import DistillLoss, Features, LossContext, Shape
+from kdforge.losses.bckd import bckd_cls_loss, bckd_loc_loss, bckd_location_weights
 from kdforge.losses.ce import CELoss, ce_loss, soft_ce_loss
 from kdforge.losses.crd import CRDLoss, crd_nce_loss, sample_negatives
 from kdforge.losses.dkd import DKDLoss, dkd_loss, dkd_parts
@@ -18,6 +19,9 @@ from kdforge.losses.rkd import RKDLoss, rkd_loss
 from kdforge.losses.sp import SPLoss, similarity_matrix, sp_loss
 
 __all__ = [
+    "bckd_cls_loss",
+    "bckd_loc_loss",
+    "bckd_location_weights",
     "ATLoss", "CELoss", "CRDLoss", "DKDLoss", "DistillLoss", "Features", "FitNetLoss", "KDLoss",
     "L2DLEDLoss", "L2DMLDLoss", "l2d_led_loss", "l2d_mld_loss",
     "LossContext", "PKTLoss", "RKDLoss", "SPLoss", "Shape", "at_loss", "attention_map", "ce_loss",

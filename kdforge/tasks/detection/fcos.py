@@ -24,7 +24,8 @@ from kdforge.errors import KdforgeError
 from kdforge.models.taps import FeatureTap
 from kdforge.tasks.detection.boxes import batched_nms
 
-__all__ = ["FCOS", "decode", "fcos_loss", "fcos_targets", "giou_loss", "locations", "sigmoid_focal_loss"]
+__all__ = ["FCOS", "decode", "dense_predictions", "fcos_loss", "fcos_targets", "giou_loss", "locations",
+           "sigmoid_focal_loss"]
 
 
 class FCOS(nn.Module):
@@ -138,9 +139,11 @@ def _flatten(out: dict[str, list[Tensor]], k: int) -> tuple[Tensor, Tensor, Tens
     return flat(out["cls"], k), flat(out["box"], 4), flat(out["ctr"], 1)[..., 0]
 
 
-def fcos_loss(model: FCOS, out: dict[str, list[Tensor]], boxes: list[Tensor], labels: list[Tensor]
-              ) -> dict[str, Tensor]:
-    """Focal (classification), GIoU (box) and BCE (centerness) losses, normalised by the positives."""
+def fcos_loss(model: FCOS, out: dict[str, list[Tensor]], boxes: list[Tensor], labels: list[Tensor],
+              stats: dict[str, float] | None = None) -> dict[str, Tensor]:
+    """Focal (classification), GIoU (box) and BCE (centerness) losses, normalised by the positives.
+
+    `stats`, when given, receives `num_pos` (the normaliser distillation terms share)."""
     cls, box, ctr = _flatten(out, model.num_classes)
     dev = cls.device
     shapes = [t.shape[-2:] for t in out["cls"]]
@@ -154,6 +157,8 @@ def fcos_loss(model: FCOS, out: dict[str, list[Tensor]], boxes: list[Tensor], la
     cls_t, box_t = torch.stack(cls_t), torch.stack(box_t)
     pos = cls_t >= 0
     num_pos = max(1.0, float(pos.sum()))
+    if stats is not None:
+        stats["num_pos"] = num_pos
     onehot = torch.zeros_like(cls)
     onehot[pos] = F.one_hot(cls_t[pos], model.num_classes).to(cls.dtype)
     loss_cls = sigmoid_focal_loss(cls, onehot) / num_pos
@@ -167,6 +172,19 @@ def fcos_loss(model: FCOS, out: dict[str, list[Tensor]], boxes: list[Tensor], la
     loss_box = (giou_loss(pred, target) * centerness).sum() / centerness.sum().clamp_min(1e-6)
     loss_ctr = F.binary_cross_entropy_with_logits(ctr[pos], centerness, reduction="sum") / num_pos
     return {"cls": loss_cls, "box": loss_box, "ctr": loss_ctr}
+
+
+def dense_predictions(model: FCOS, out: dict[str, list[Tensor]]) -> tuple[Tensor, Tensor]:
+    """Every location's (B, P, K) class logits and (B, P, 4) decoded xyxy box in pixels (with gradient)."""
+    cls, box, _ = _flatten(out, model.num_classes)
+    dev = cls.device
+    shapes = [t.shape[-2:] for t in out["cls"]]
+    pts = torch.cat([locations(h, w, s, dev) for (h, w), s in zip(shapes, model.strides)])
+    scale = torch.cat([torch.full((h * w,), float(s), device=dev) for (h, w), s in zip(shapes, model.strides)])
+    ltrb = box * scale[None, :, None]
+    xyxy = torch.stack([pts[None, :, 0] - ltrb[..., 0], pts[None, :, 1] - ltrb[..., 1],
+                        pts[None, :, 0] + ltrb[..., 2], pts[None, :, 1] + ltrb[..., 3]], dim=-1)
+    return cls, xyxy
 
 
 @torch.no_grad()

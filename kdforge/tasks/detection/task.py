@@ -82,15 +82,19 @@ class DetectionTask(Task):
     name = "detection"
 
     def __init__(self, detector: FCOS, train: DetectionData, test: DetectionData, batch_size: int, seed: int = 0,
-                 scale_range: tuple[float, float] = (0.75, 1.25), flip: bool = True) -> None:
-        self.detector, self.train, self.test = detector, train, test
+                 scale_range: tuple[float, float] = (0.75, 1.25), flip: bool = True,
+                 module: nn.Module | None = None, extra_result: dict[str, Any] | None = None) -> None:
+        """`module`: the training module when a method adds terms (default: the detector's own losses);
+        `extra_result`: entries added to result.json (e.g. the teacher's AP)."""
+        self.detector, self.train, self.test, self.module = detector, train, test, module
+        self.extra_result = dict(extra_result or {})
         self.batch_size, self.seed, self.scale_range, self.flip = batch_size, seed, tuple(scale_range), flip
         self.size = int(train.images.shape[-1])
         self._targets = [train.targets(i) for i in range(len(train))]
 
     def build(self, device: torch.device, env: DistEnv) -> nn.Module:
         self.device = device
-        return DetectorModule(self.detector).to(device)
+        return (self.module or DetectorModule(self.detector)).to(device)
 
     def steps_per_epoch(self) -> int:
         return max(1, len(self.train) // self.batch_size)
@@ -127,6 +131,9 @@ class DetectionTask(Task):
                 detections.append({"image_id": img["id"], "category_id": int(label) + 1,
                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
         return coco_ap(data.coco, detections)
+
+    def result(self, module: nn.Module, env: DistEnv, autocast: Any = None) -> dict[str, Any]:
+        return {**{f"test_{k}": v for k, v in self.evaluate(module, "test", env).items()}, **self.extra_result}
 
     def describe(self) -> dict[str, Any]:
         return {"task": self.name, "detector": type(self.detector).__name__, "strides": self.detector.strides}
