@@ -6,7 +6,8 @@ dropped by a documented, counted rule), `metrics` (COCO AP via pycocotools, the 
 extra) and `scenes` (seeded procedural scenes as COCO data, noisy boxes, class-incremental
 splits), `augment` (batched, seeded, box-aware resize + crop/pad + flip) and `fcos` (a dense
 one-stage detector: FPN + shared head with raw per-level outputs, FCOS assignment, focal + GIoU +
-centerness losses, decoding with batched NMS). Still to come: teacher/student detector sizes, the
-two-stage and query detectors, the detection Task (trainer, COCO eval, predictions PNG) and the
-four methods.
+centerness losses, decoding with batched NMS) and `task` (the detection Task on the one Trainer:
+COCO AP after training, predictions.png; `method: detector` recipes in configs/detection/, BCKD in
+kdforge/methods/bckd.py). Still to come: COCO image folders as training data, the two-stage
+(RoIAlign) and query (Hungarian) detectors, and UniKD, SSD-Det and incremental-detection KD.
 """
