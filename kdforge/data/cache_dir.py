@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +67,25 @@ def try_torch_load(path: Path) -> Any | None:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # a corrupt/foreign file is just a cache miss
         return None
+
+
+def cached_split(name: str, version: int, params: dict[str, Any], split: str,
+                 generate: Callable[[], dict[str, dict[str, Any]]], keys: Sequence[str],
+                 root: str | os.PathLike[str] | None = None, cache: bool = True) -> dict[str, Any]:
+    """One split of a generated data set: from the cache when written for exactly `params` and
+    holding every key of `keys`, else generated (all splits at once, as `generate()` returns them)
+    and written back. An unwritable cache only warns: it must not stop the run."""
+    if not cache:
+        return generate()[split]
+    directory = cache_dir(root)
+    stem = f"{name}-v{version}-{cache_key(params)}"
+    entry = try_torch_load(directory / f"{stem}-{split}.pt")
+    if isinstance(entry, dict) and entry.get("params") == params and all(k in entry for k in keys):
+        return entry
+    data = generate()
+    try:
+        for part_name, part in data.items():
+            atomic_torch_save({**part, "params": params}, directory / f"{stem}-{part_name}.pt")
+    except (OSError, KdforgeError) as err:
+        warnings.warn(f"{name}: could not write cache in {directory}: {err}", stacklevel=3)
+    return data[split]

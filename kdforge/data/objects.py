@@ -27,14 +27,13 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from kdforge.data.base import ImageTensors
-from kdforge.data.cache_dir import atomic_torch_save, cache_dir, cache_key, try_torch_load
+from kdforge.data.cache_dir import cached_split
 from kdforge.errors import KdforgeError
 from kdforge.registry import DATASETS
 
@@ -258,24 +257,10 @@ def objects_clutter(split: str = "train", num_train: int = 5000, num_test: int =
               "seed": int(seed), "num_classes": int(num_classes), "image_size": int(image_size),
               "object_scale": list(scale), "fragments": int(fragments),
               "hue_jitter": None if hue_jitter is None else float(hue_jitter)}
-    entry: dict[str, Any] | None = None
-    if cache:
-        directory = cache_dir(root)
-        stem = f"{NAME}-v{VERSION}-{cache_key(params)}"
-        entry = try_torch_load(directory / f"{stem}-{split}.pt")
-        if not (isinstance(entry, dict) and entry.get("params") == params
-                and all(k in entry for k in ("images", "labels", "mask", "mean", "std"))):
-            entry = None
-        if entry is None:
-            data = generate(num_train, num_test, seed, num_classes, image_size, scale, fragments, hue_jitter)
-            try:
-                for name, part in data.items():
-                    atomic_torch_save({**part, "params": params}, directory / f"{stem}-{name}.pt")
-            except (OSError, KdforgeError) as err:      # an unwritable cache must not stop the run
-                warnings.warn(f"{NAME}: could not write cache in {directory}: {err}", stacklevel=2)
-            entry = data[split]
-    else:
-        entry = generate(num_train, num_test, seed, num_classes, image_size, scale, fragments, hue_jitter)[split]
+    entry = cached_split(NAME, VERSION, params, split,
+                         lambda: generate(num_train, num_test, seed, num_classes, image_size, scale, fragments,
+                                          hue_jitter),
+                         ("images", "labels", "mask", "mean", "std"), root, cache)
     return ImageTensors(images=entry["images"], labels=entry["labels"], num_classes=num_classes, name=NAME,
                         mean=tuple(float(m) for m in entry["mean"]), std=tuple(float(s) for s in entry["std"]),
                         class_names=list(SHAPES[:num_classes]), extra={"mask": entry["mask"]})

@@ -25,14 +25,13 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from kdforge.data.base import ImageTensors
-from kdforge.data.cache_dir import atomic_torch_save, cache_dir, cache_key, try_torch_load
+from kdforge.data.cache_dir import cached_split
 from kdforge.errors import KdforgeError
 from kdforge.registry import DATASETS
 
@@ -287,35 +286,14 @@ def procedural_cifar(split: str = "train", num_train: int = 50000, num_test: int
     params = {"name": NAME, "version": VERSION, "num_train": int(num_train), "num_test": int(num_test),
               "seed": int(seed), "num_classes": int(num_classes), "num_superclasses": int(num_superclasses),
               "image_size": int(image_size)}
-    entry: dict[str, Any] | None = None
-    if cache:
-        directory = cache_dir(root)
-        stem = f"{NAME}-v{VERSION}-{cache_key(params)}"
-        path = directory / f"{stem}-{split}.pt"
-        entry = try_torch_load(path)
-        if not _valid_entry(entry, params):
-            entry = None
-        if entry is None:
-            data = generate(num_train, num_test, seed, num_classes, num_superclasses, image_size)
-            try:
-                for name, part in data.items():
-                    atomic_torch_save({**part, "params": params}, directory / f"{stem}-{name}.pt")
-            except (OSError, KdforgeError) as err:  # an unwritable cache must not stop the run
-                warnings.warn(f"{NAME}: could not write cache in {directory}: {err}", stacklevel=2)
-            entry = data[split]
-    else:
-        entry = generate(num_train, num_test, seed, num_classes, num_superclasses, image_size)[split]
+    entry = cached_split(NAME, VERSION, params, split,
+                         lambda: generate(num_train, num_test, seed, num_classes, num_superclasses, image_size),
+                         ("images", "labels", "coarse", "mean", "std"), root, cache)
     return ImageTensors(
         images=entry["images"], labels=entry["labels"], num_classes=num_classes, name=NAME,
         mean=tuple(float(m) for m in entry["mean"]), std=tuple(float(s) for s in entry["std"]),
         class_names=class_names(num_classes, num_superclasses, seed), extra={"coarse": entry["coarse"]},
     )
-
-
-def _valid_entry(entry: Any, params: dict[str, Any]) -> bool:
-    """A cache entry is used only if it was written for exactly these parameters and is complete."""
-    return (isinstance(entry, dict) and entry.get("params") == params
-            and all(k in entry for k in ("images", "labels", "coarse", "mean", "std")))
 
 
 DATASETS.register(NAME, procedural_cifar, kind="classification", source="procedural")
