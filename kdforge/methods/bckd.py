@@ -36,9 +36,11 @@ from kdforge.methods.detector import AugmentSpec, DetectorModelConfig, SceneData
 from kdforge.models import create_model
 from kdforge.registry import METHODS
 from kdforge.tasks.common import LoopConfig, load_task_config
+from kdforge.tasks.detection.fcos import FCOS, dense_predictions, fcos_loss
+from kdforge.tasks.detection.task import DetectorModule
 from kdforge.train.stages import loop_settings, run_stage, shared_recipe, split_trainer
 
-__all__ = ["BCKDArgs", "BCKDRecipe", "bckd_module", "run_bckd"]
+__all__ = ["BCKDArgs", "BCKDModule", "BCKDRecipe", "run_bckd"]
 
 
 @dataclass
@@ -76,9 +78,7 @@ class BCKDRecipe:
     bckd: BCKDArgs = field(default_factory=BCKDArgs)
 
 
-def _detector(m: DetectorModelConfig, num_classes: int, size: int) -> Any:
-    from kdforge.tasks.detection.fcos import FCOS
-
+def _detector(m: DetectorModelConfig, num_classes: int, size: int) -> FCOS:
     backbone = create_model(m.backbone, num_classes=num_classes, **m.backbone_args)
     return FCOS(backbone, m.taps, num_classes, width=m.width, tower=m.tower, probe_size=size)
 
@@ -88,47 +88,43 @@ def _teacher_identity(cfg: BCKDRecipe) -> dict[str, Any]:
                                                     "loop": to_dict(cfg.teacher.loop)}}
 
 
-def bckd_module(student: Any, teacher: Any, args: BCKDArgs) -> Any:
-    """The student's DetectorModule with BCKD's distillation terms (teacher frozen, not checkpointed)."""
-    from kdforge.tasks.detection.fcos import dense_predictions, fcos_loss
-    from kdforge.tasks.detection.task import DetectorModule
+class BCKDModule(DetectorModule):
+    """The student detector's module with BCKD's distillation terms (teacher frozen, not checkpointed)."""
 
-    class _Module(DetectorModule):
-        def __init__(self) -> None:
-            super().__init__(student)
-            self.teachers = torch.nn.ModuleDict({"teacher": teacher.eval().requires_grad_(False)})
+    def __init__(self, student: FCOS, teacher: FCOS, args: BCKDArgs) -> None:
+        super().__init__(student)
+        self.args = args
+        self.teachers = torch.nn.ModuleDict({"teacher": teacher.eval().requires_grad_(False)})
 
-        def train(self, mode: bool = True) -> Any:
-            super().train(mode)
-            self.teachers.eval()
-            return self
+    def train(self, mode: bool = True) -> BCKDModule:
+        super().train(mode)
+        self.teachers.eval()
+        return self
 
-        def forward(self, batch: Any) -> Step:
-            out = self.student(batch.images)
-            stats: dict[str, float] = {}
-            losses = fcos_loss(self.student, out, batch.boxes, batch.labels, stats)
-            groups = {k: "task" for k in losses}
-            with torch.no_grad():
-                t_out = self.teachers["teacher"](batch.images)
-            s_cls, s_box = dense_predictions(self.student, out)
-            t_cls, t_box = dense_predictions(self.teachers["teacher"], t_out)
-            s_cls, t_cls = s_cls.reshape(-1, s_cls.shape[-1]), t_cls.reshape(-1, t_cls.shape[-1])
-            n_pos = stats["num_pos"]
-            if args.w_cls:
-                losses["bckd_cls"] = args.w_cls * bckd_cls_loss(s_cls, t_cls, args.beta, n_pos)
-            if args.w_loc:
-                omega = bckd_location_weights(s_cls, t_cls)
-                losses["bckd_loc"] = args.w_loc * bckd_loc_loss(s_box.reshape(-1, 4), t_box.reshape(-1, 4), omega,
-                                                                n_pos)
-            if args.softmax_kd:
-                tau = args.softmax_temperature
-                kl = F.kl_div(F.log_softmax(s_cls / tau, 1), F.log_softmax(t_cls / tau, 1), log_target=True,
-                              reduction="sum") * tau ** 2 / n_pos
-                losses["softmax_kd"] = args.softmax_kd * kl
-            groups.update({k: "distill" for k in losses if k not in groups})
-            return Step(outputs=out["cls"][0].detach(), losses=losses, groups=groups)
-
-    return _Module()
+    def forward(self, batch: Any) -> Step:
+        args = self.args
+        out = self.student(batch.images)
+        stats: dict[str, float] = {}
+        losses = fcos_loss(self.student, out, batch.boxes, batch.labels, stats)
+        groups = {k: "task" for k in losses}
+        with torch.no_grad():
+            t_out = self.teachers["teacher"](batch.images)
+        s_cls, s_box = dense_predictions(self.student, out)
+        t_cls, t_box = dense_predictions(self.teachers["teacher"], t_out)
+        s_cls, t_cls = s_cls.reshape(-1, s_cls.shape[-1]), t_cls.reshape(-1, t_cls.shape[-1])
+        n_pos = stats["num_pos"]
+        if args.w_cls:
+            losses["bckd_cls"] = args.w_cls * bckd_cls_loss(s_cls, t_cls, args.beta, n_pos)
+        if args.w_loc:
+            omega = bckd_location_weights(s_cls, t_cls)
+            losses["bckd_loc"] = args.w_loc * bckd_loc_loss(s_box.reshape(-1, 4), t_box.reshape(-1, 4), omega, n_pos)
+        if args.softmax_kd:
+            tau = args.softmax_temperature
+            kl = F.kl_div(F.log_softmax(s_cls / tau, 1), F.log_softmax(t_cls / tau, 1), log_target=True,
+                          reduction="sum") * tau ** 2 / n_pos
+            losses["softmax_kd"] = args.softmax_kd * kl
+        groups.update({k: "distill" for k in losses if k not in groups})
+        return Step(outputs=out["cls"][0].detach(), losses=losses, groups=groups)
 
 
 def run_bckd(cfg: BCKDRecipe, run_dir: str | Path, trainer: Any = None, config_text: str = "") -> dict[str, Any]:
@@ -167,7 +163,7 @@ def run_bckd(cfg: BCKDRecipe, run_dir: str | Path, trainer: Any = None, config_t
         raise KdforgeError(f"bckd: teacher strides {teacher.strides} differ from the student's {student.strides}; "
                            "use the same backbone taps so both predict on one location grid")
     task = DetectionTask(student, train, test, cfg.train.batch_size, cfg.seed, tuple(cfg.augment.scale_range),
-                         cfg.augment.flip, module=bckd_module(student, teacher, cfg.bckd),
+                         cfg.augment.flip, module=BCKDModule(student, teacher, cfg.bckd),
                          extra_result={"teacher_test_AP": stage.result.get("test_AP")})
     return run_stage(run_dir, None, loop_settings(cfg.train, cfg.seed, trainer), task, config_text).result
 

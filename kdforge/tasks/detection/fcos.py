@@ -91,10 +91,12 @@ def fcos_targets(points: list[Tensor], strides: list[int], boxes: Tensor, labels
         edges = [0.0] + [8.0 * s for s in strides[1:]] + [math.inf]
         ranges = list(zip(edges[:-1], edges[1:]))
     all_pts = torch.cat(points)
-    lo = torch.cat([torch.full((len(p),), r[0]) for p, r in zip(points, ranges)])
-    hi = torch.cat([torch.full((len(p),), r[1]) for p, r in zip(points, ranges)])
+    dev = all_pts.device
+    lo = torch.cat([torch.full((len(p),), r[0], device=dev) for p, r in zip(points, ranges)])
+    hi = torch.cat([torch.full((len(p),), r[1], device=dev) for p, r in zip(points, ranges)])
     if boxes.numel() == 0:
-        return torch.full((len(all_pts),), -1, dtype=torch.long), torch.zeros(len(all_pts), 4)
+        return (torch.full((len(all_pts),), -1, dtype=torch.long, device=dev),
+                torch.zeros(len(all_pts), 4, device=dev))
     x, y = all_pts[:, 0:1], all_pts[:, 1:2]
     ltrb = torch.stack([x - boxes[None, :, 0], y - boxes[None, :, 1], boxes[None, :, 2] - x,
                         boxes[None, :, 3] - y], dim=2)                        # (P, G, 4)
@@ -105,7 +107,7 @@ def fcos_targets(points: list[Tensor], strides: list[int], boxes: Tensor, labels
     area = torch.where(inside & fits, area, torch.full_like(area, math.inf))
     best_area, best = area.min(dim=1)
     cls = torch.where(torch.isfinite(best_area), labels[best], torch.full_like(labels[best], -1))
-    return cls.long(), ltrb[torch.arange(len(all_pts)), best]
+    return cls.long(), ltrb[torch.arange(len(all_pts), device=dev), best]
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
@@ -132,6 +134,14 @@ def giou_loss(pred: Tensor, target: Tensor) -> Tensor:
     return 1 - (iou - (enclose - union) / enclose)
 
 
+def _grid(model: FCOS, out: dict[str, list[Tensor]], device: torch.device) -> tuple[list[Tensor], Tensor]:
+    """Each level's location centres (P_l, 2) and every location's stride (P,), levels in order."""
+    shapes = [t.shape[-2:] for t in out["cls"]]
+    pts = [locations(h, w, s, device) for (h, w), s in zip(shapes, model.strides)]
+    scale = torch.cat([torch.full((h * w,), float(s), device=device) for (h, w), s in zip(shapes, model.strides)])
+    return pts, scale
+
+
 def _flatten(out: dict[str, list[Tensor]], k: int) -> tuple[Tensor, Tensor, Tensor]:
     """(B, P, K) cls logits, (B, P, 4) ltrb/stride, (B, P) centerness logits, levels concatenated."""
     def flat(ts: list[Tensor], c: int) -> Tensor:
@@ -146,14 +156,12 @@ def fcos_loss(model: FCOS, out: dict[str, list[Tensor]], boxes: list[Tensor], la
     `stats`, when given, receives `num_pos` (the normaliser distillation terms share)."""
     cls, box, ctr = _flatten(out, model.num_classes)
     dev = cls.device
-    shapes = [t.shape[-2:] for t in out["cls"]]
-    pts = [locations(h, w, s, dev) for (h, w), s in zip(shapes, model.strides)]
-    scale = torch.cat([torch.full((h * w,), float(s), device=dev) for (h, w), s in zip(shapes, model.strides)])
+    pts, scale = _grid(model, out, dev)
     cls_t, box_t = [], []
-    for b, l in zip(boxes, labels):
-        c, t = fcos_targets([p.cpu() for p in pts], model.strides, b.float().cpu(), l.cpu())
-        cls_t.append(c.to(dev))
-        box_t.append(t.to(dev))
+    for b, l in zip(boxes, labels):          # assignment on the training device: no host round trip
+        c, t = fcos_targets(pts, model.strides, b.float().to(dev), l.to(dev))
+        cls_t.append(c)
+        box_t.append(t)
     cls_t, box_t = torch.stack(cls_t), torch.stack(box_t)
     pos = cls_t >= 0
     num_pos = max(1.0, float(pos.sum()))
@@ -176,26 +184,25 @@ def fcos_loss(model: FCOS, out: dict[str, list[Tensor]], boxes: list[Tensor], la
 
 def dense_predictions(model: FCOS, out: dict[str, list[Tensor]]) -> tuple[Tensor, Tensor]:
     """Every location's (B, P, K) class logits and (B, P, 4) decoded xyxy box in pixels (with gradient)."""
-    cls, box, _ = _flatten(out, model.num_classes)
-    dev = cls.device
-    shapes = [t.shape[-2:] for t in out["cls"]]
-    pts = torch.cat([locations(h, w, s, dev) for (h, w), s in zip(shapes, model.strides)])
-    scale = torch.cat([torch.full((h * w,), float(s), device=dev) for (h, w), s in zip(shapes, model.strides)])
+    return _dense(model, out)[:2]
+
+
+def _dense(model: FCOS, out: dict[str, list[Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, P, K) class logits, (B, P, 4) decoded xyxy boxes, (B, P) centerness logits."""
+    cls, box, ctr = _flatten(out, model.num_classes)
+    levels, scale = _grid(model, out, cls.device)
+    pts = torch.cat(levels)
     ltrb = box * scale[None, :, None]
     xyxy = torch.stack([pts[None, :, 0] - ltrb[..., 0], pts[None, :, 1] - ltrb[..., 1],
                         pts[None, :, 0] + ltrb[..., 2], pts[None, :, 1] + ltrb[..., 3]], dim=-1)
-    return cls, xyxy
+    return cls, xyxy, ctr
 
 
 @torch.no_grad()
 def decode(model: FCOS, out: dict[str, list[Tensor]], score_threshold: float = 0.05, top_k: int = 100,
            iou_threshold: float = 0.6, max_detections: int = 100) -> list[dict[str, Tensor]]:
     """Per image: boxes (xyxy, pixels), scores sqrt(cls * centerness), labels, after batched NMS."""
-    cls, box, ctr = _flatten(out, model.num_classes)
-    dev = cls.device
-    shapes = [t.shape[-2:] for t in out["cls"]]
-    pts = torch.cat([locations(h, w, s, dev) for (h, w), s in zip(shapes, model.strides)])
-    scale = torch.cat([torch.full((h * w,), float(s), device=dev) for (h, w), s in zip(shapes, model.strides)])
+    cls, boxes, ctr = _dense(model, out)
     results = []
     for b in range(cls.shape[0]):
         scores = (torch.sigmoid(cls[b]) * torch.sigmoid(ctr[b])[:, None]).sqrt()      # (P, K)
@@ -204,9 +211,7 @@ def decode(model: FCOS, out: dict[str, list[Tensor]], score_threshold: float = 0
         cand = keep.nonzero()[:, 0]
         cand = cand[flat[cand].argsort(descending=True)[:top_k * 10]]
         loc, lab = cand // model.num_classes, cand % model.num_classes
-        ltrb = box[b][loc] * scale[loc][:, None]
-        p = pts[loc]
-        xyxy = torch.stack([p[:, 0] - ltrb[:, 0], p[:, 1] - ltrb[:, 1], p[:, 0] + ltrb[:, 2], p[:, 1] + ltrb[:, 3]], 1)
+        xyxy = boxes[b][loc]
         kept = batched_nms(xyxy, flat[cand], lab, iou_threshold)[:max_detections]
         results.append({"boxes": xyxy[kept], "scores": flat[cand][kept], "labels": lab[kept]})
     return results

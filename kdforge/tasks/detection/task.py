@@ -40,10 +40,14 @@ class DetectionData:
     images: Tensor
     coco: CocoData
 
+    def __post_init__(self) -> None:
+        self._by_image: dict[Any, list[dict[str, Any]]] = {}      # one pass, not one scan per image
+        for a in self.coco.annotations:
+            self._by_image.setdefault(a["image_id"], []).append(a)
+
     def targets(self, i: int) -> tuple[Tensor, Tensor]:
         """(xyxy boxes, labels) of image position `i`."""
-        image_id = self.coco.images[i]["id"]
-        anns = [a for a in self.coco.annotations if a["image_id"] == image_id]
+        anns = self._by_image.get(self.coco.images[i]["id"], [])
         if not anns:
             return torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
         return (xywh_to_xyxy(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32)),
