@@ -62,45 +62,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from kdforge.config import load_config
-    from kdforge.train.build import build_distiller, load_data
-    from kdforge.train.checkpoint import load_checkpoint
-    from kdforge.train.metrics import evaluate
-    from kdforge.train.trainer import resolve_device
+    from kdforge.train.evaluate_run import evaluate_run
 
-    run_dir = Path(args.run_dir)
-    from kdforge.train.stages import is_task_recipe
-
-    if is_task_recipe(run_dir / "config.yaml"):
-        raise KdforgeError(f"{run_dir} is a task recipe run; its metrics are in {run_dir / 'result.json'} "
-                           "(kdforge eval evaluates classification runs)")
-    cfg = load_config(run_dir / "config.yaml", args.overrides)
-    if args.split == "val" and cfg.data.val_fraction <= 0:
-        raise KdforgeError(f"{run_dir} has no validation split (data.val_fraction=0); use --split test")
-    if args.checkpoint == "best" and not (run_dir / "checkpoints" / "best.json").is_file():
-        raise KdforgeError(f"{run_dir} has no 'best' checkpoint: best is chosen on a validation split "
-                           "(data.val_fraction > 0), never on the test split; use --checkpoint last")
-    data = load_data(cfg.data, cfg.trainer.seed)
-    distiller = build_distiller(cfg, data)
-    import torch
-
-    from kdforge.data.stream import fetch_images
-    from kdforge.data.transforms import to_normalized
-
-    device = resolve_device(cfg.trainer.device)
-
-    def prepare(x):
-        return to_normalized(x.to(device), data.train.mean, data.train.std)
-
-    distiller.setup(prepare(fetch_images(data.train, torch.arange(min(2, len(data.train))))), len(data.train))
-    weights, state, _ = load_checkpoint(run_dir / "checkpoints", args.checkpoint)
-    distiller.load_checkpoint_state(weights)
-    distiller.to(device)
-    split = data.test if args.split == "test" else data.eval
-    metrics = evaluate(distiller.eval_model(), split, prepare, cfg.data.eval_batch_size, device,
-                       workers=cfg.data.workers)
-    print(json.dumps({"run": str(run_dir), "checkpoint": args.checkpoint, "epoch": state.get("epoch"),
-                      "split": args.split, **metrics}, indent=2))
+    print(json.dumps(evaluate_run(args.run_dir, args.checkpoint, args.split, args.overrides), indent=2))
     return 0
 
 

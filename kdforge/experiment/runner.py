@@ -153,13 +153,9 @@ def _adopt(cell: Cell, run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]
 
     result = json.loads((run_dir / "result.json").read_text())
     if cell.search == "boss":     # the selected model is the chosen trial's best-validation checkpoint
-        from kdforge.cli import main as cli_main
+        from kdforge.train.evaluate_run import evaluate_run
 
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            if cli_main(["eval", str(run_dir), "--checkpoint", "best"]) != 0:
-                raise KdforgeError(f"{cell.label}: cannot evaluate the selected trial {run_dir}")
-        best = json.loads(out.getvalue())
+        best = evaluate_run(run_dir, "best")
         result.update({"test_top1_last": result.get("test_top1"), "test_top1": best["top1"],
                        "test_top5": best["top5"], "test_loss": best["loss"]})
     result.update({"search": cell.search, "search_best_value": summary.get("best_value"),
