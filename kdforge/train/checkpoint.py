@@ -13,6 +13,7 @@ Layout inside a run directory::
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import random
@@ -28,7 +29,9 @@ from torch import Tensor
 from kdforge.errors import KdforgeError
 
 
+@functools.cache
 def _umask() -> int:
+    """The process umask, read once (reading it means setting it: not something to do per file write)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
