@@ -103,6 +103,7 @@ class TrainerConfig:
     stop_after_steps: int | None = None   # checkpoint and stop early (interruption, tests)
     threads: int | None = None
     sync_bn: bool = False        # distributed runs: batch-norm statistics over the global batch
+    eval_train: bool = False     # also evaluate the final weights on the un-augmented training split
 
 
 @dataclass

@@ -170,12 +170,14 @@ class ClassificationTask(Task):
         return rates(env.all_reduce_sum(counts))
 
     def result(self, module: nn.Module, env: DistEnv, autocast: Autocast | None = None) -> dict[str, Any]:
-        """Test metrics of the final weights, and its CE on the un-augmented training split (the fit a
-        distillation term trades against: DOT's premise reads it)."""
+        """Test metrics of the final weights; with `trainer.eval_train` also their CE and top-1 on the
+        un-augmented training split (the fit a distillation term trades against: DOT's premise reads it)."""
         final = self.evaluate(module, "test", env, autocast)
-        fit = self.evaluate(module, "train", env, autocast)
-        return {"test_top1": final["top1"], "test_top5": final["top5"], "test_loss": final["loss"],
-                "final_train_loss": fit["loss"], "final_train_top1": fit["top1"], **self._long_tail(module)}
+        result = {"test_top1": final["top1"], "test_top5": final["top5"], "test_loss": final["loss"]}
+        if self.cfg.trainer.eval_train:      # a full pass over the training split: only when asked
+            fit = self.evaluate(module, "train", env, autocast)
+            result.update({"final_train_loss": fit["loss"], "final_train_top1": fit["top1"]})
+        return {**result, **self._long_tail(module)}
 
     @torch.no_grad()
     def _long_tail(self, module: nn.Module) -> dict[str, float]:
