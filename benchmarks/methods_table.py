@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kdforge.experiment.report import render_table  # noqa: E402
-from kdforge.train.checkpoint import atomic_write_bytes, atomic_write_text  # noqa: E402
+from kdforge.train.checkpoint import atomic_write_text  # noqa: E402
 
 
 def load_rows(directory: Path) -> list[dict]:
@@ -27,12 +27,10 @@ def load_rows(directory: Path) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import io
 
-    import matplotlib
+    from kdforge.plotting import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows)), 3.5))
     names = [r.get("id", r.get("method")) for r in rows]
@@ -42,10 +40,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("method - baseline")
     ax.set_title("kdforge method demos (delta of each method's metric)")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path, dpi=100)
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ import torch
 
 from kdforge.config import RunConfig, load_config
 from kdforge.train.build import RunData, load_data
-from kdforge.train.checkpoint import atomic_write_bytes, atomic_write_text
+from kdforge.train.checkpoint import atomic_write_text
 from kdforge.train.trainer import Trainer
 
 RUNS = ("teacher", "student", "student_kd")
@@ -115,12 +115,10 @@ def write_reports(out: Path, summary: dict[str, Any]) -> None:
 def plot_curves(out: Path, path: Path) -> None:
     """Test top-1 per epoch of the three runs, from their metrics.csv."""
     import csv
-    import io
 
-    import matplotlib
+    from kdforge.plotting import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for run in RUNS:
@@ -133,8 +131,5 @@ def plot_curves(out: Path, path: Path) -> None:
     ax.set_title("kdforge demo")
     ax.grid(alpha=0.3)
     ax.legend()
-    buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path, dpi=100)

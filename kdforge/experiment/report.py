@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import platform
@@ -14,7 +13,7 @@ from typing import Any
 from kdforge.experiment.recipe import ExperimentConfig
 from kdforge.experiment.runner import Cell
 from kdforge.experiment.stats import paired_summary
-from kdforge.train.checkpoint import atomic_write_bytes, atomic_write_text
+from kdforge.train.checkpoint import atomic_write_text
 from kdforge.train.log import json_safe
 
 __all__ = ["build_report", "plot_report", "render_table", "write_report"]
@@ -115,10 +114,9 @@ def write_report(report: dict[str, Any], path: Path) -> Path:
 
 
 def plot_report(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from kdforge.plotting import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     seeds, base, meth = report["seeds"], report["baseline_values"], report["method_values"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3.4), gridspec_kw={"width_ratios": [3, 2]})
@@ -145,10 +143,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
         ax2.legend(fontsize=7, loc="best")
     fig.suptitle(f"{report['id']} ({report['claimed_direction']} is the paper's claim)", fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path, dpi=90)
 
 
 def _fmt_arm(arm: dict[str, Any] | None) -> str:

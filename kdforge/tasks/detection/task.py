@@ -10,7 +10,6 @@ and the raw outputs, so distillation terms can read them.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,6 @@ from kdforge.tasks.detection.boxes import xywh_to_xyxy
 from kdforge.tasks.detection.coco import CocoData
 from kdforge.tasks.detection.fcos import FCOS, decode, fcos_loss
 from kdforge.tasks.detection.metrics import coco_ap
-from kdforge.train.checkpoint import atomic_write_bytes
 from kdforge.train.distributed import DistEnv
 
 __all__ = ["DetectionBatch", "DetectionData", "DetectionTask", "DetectorModule"]
@@ -144,10 +142,9 @@ class DetectionTask(Task):
 
     def draw(self, module: nn.Module, path: Path) -> bool:
         """Test images with ground truth (green) and predictions above 0.3 (red, with scores)."""
-        import matplotlib
+        from kdforge.plotting import pyplot, save_png
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
         from matplotlib.patches import Rectangle
 
         count = min(8, len(self.test))
@@ -167,9 +164,6 @@ class DetectionTask(Task):
                 ax.text(x1, y1, f"{s:.2f}", color="red", fontsize=6)
         fig.suptitle("test: ground truth (green), predictions > 0.3 (red)", fontsize=9)
         fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=80)
-        plt.close(fig)
-        atomic_write_bytes(path, buf.getvalue())
+        save_png(fig, path, dpi=80)
         return True
 

@@ -9,18 +9,15 @@ from torch import nn
 
 from kdforge.tasks.common import predict, prepare_images
 from kdforge.tasks.multilabel.data import MultiLabelData
-from kdforge.train.checkpoint import atomic_write_bytes
 
 
 def draw_predictions(model: nn.Module, data: MultiLabelData, path: Path, count: int = 12,
                      threshold: float = 0.5) -> bool:
     """PNG grid: each image titled with its labels; green = predicted and true, red = wrong, grey = missed."""
-    import io
 
-    import matplotlib
+    from kdforge.plotting import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     count = min(count, len(data))
     probs = torch.sigmoid(predict(model, data.images[:count], count,
@@ -47,8 +44,5 @@ def draw_predictions(model: nn.Module, data: MultiLabelData, path: Path, count: 
             y += 0.12
     fig.suptitle("test images: green = hit, red = false positive, grey = missed (student p)", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path, dpi=80)
     return True
