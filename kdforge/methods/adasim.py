@@ -60,10 +60,10 @@ from kdforge.config import OptimConfig, ScheduleConfig, TrainerConfig
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.registry import METHODS
 from kdforge.tasks.base import seeded_generator
-from kdforge.tasks.common import LoopConfig, load_task_config
+from kdforge.tasks.common import LoopConfig
 from kdforge.tasks.selfsup import DINOSpec, SelfDistillTask, SSLDataConfig, SSLEvalConfig
 from kdforge.train.distributed import DistEnv
-from kdforge.train.stages import loop_settings, run_stage, split_trainer
+from kdforge.train.stages import loop_settings, parse_recipe, run_stage
 
 __all__ = ["AdaSimConfig", "AdaSimTask", "NeighbourBank", "adaptive_partners", "run_adasim", "vote_scores"]
 
@@ -293,9 +293,7 @@ class AdaSim:
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
         """Run a `configs/methods/adasim.yaml` recipe into `run_dir` (see the module docstring)."""
-        text = yaml.safe_dump(tree, sort_keys=False)
-        tree, trainer = split_trainer(tree, source)
-        cfg = load_task_config(AdaSimConfig, tree, name=source)
+        cfg, trainer, text = parse_recipe(tree, source, AdaSimConfig)
         return run_adasim(cfg, run_dir, trainer, config_text=text)
 
 

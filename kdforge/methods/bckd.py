@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 from kdforge.config import OptimConfig, ScheduleConfig, to_dict
 from kdforge.distill.distiller import Step
@@ -35,10 +34,10 @@ from kdforge.losses.bckd import bckd_cls_loss, bckd_loc_loss, bckd_location_weig
 from kdforge.methods.detector import AugmentSpec, DetectorModelConfig, SceneDataConfig, build_detection
 from kdforge.models import create_model
 from kdforge.registry import METHODS
-from kdforge.tasks.common import LoopConfig, load_task_config
+from kdforge.tasks.common import LoopConfig
 from kdforge.tasks.detection.fcos import FCOS, dense_predictions, fcos_loss
 from kdforge.tasks.detection.task import DetectorModule
-from kdforge.train.stages import loop_settings, run_stage, shared_recipe, split_trainer
+from kdforge.train.stages import loop_settings, parse_recipe, run_stage, shared_recipe
 
 __all__ = ["BCKDArgs", "BCKDModule", "BCKDRecipe", "run_bckd"]
 
@@ -175,11 +174,10 @@ class BCKD:
 
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
-        body, trainer = split_trainer(tree, source)
-        cfg = load_task_config(BCKDRecipe, body, name=source)
+        cfg, trainer, text = parse_recipe(tree, source, BCKDRecipe)
         if cfg.method != "bckd":
             raise ConfigError(f"{source}: method must be 'bckd', got {cfg.method!r}")
-        return run_bckd(cfg, run_dir, trainer, yaml.safe_dump(tree, sort_keys=False))
+        return run_bckd(cfg, run_dir, trainer, text)
 
 
 METHODS.register(

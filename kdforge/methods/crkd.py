@@ -58,7 +58,7 @@ from kdforge.config import OptimConfig, ScheduleConfig, TrainerConfig
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.registry import METHODS
 from kdforge.tasks.base import Autocast
-from kdforge.tasks.common import LoopConfig, load_task_config, predict, prepare_images
+from kdforge.tasks.common import LoopConfig, predict, prepare_images
 from kdforge.tasks.ncd import (
     DiscoveryNet,
     DiscoveryTask,
@@ -70,7 +70,7 @@ from kdforge.tasks.ncd import (
     procedural_ncd,
 )
 from kdforge.train.distributed import DistEnv
-from kdforge.train.stages import loop_settings, run_stage, shared_recipe, split_trainer, stage_dir
+from kdforge.train.stages import loop_settings, parse_recipe, run_stage, shared_recipe, stage_dir
 
 __all__ = ["CrKD", "CrKDConfig", "CrKDTask", "ncd_setting", "relation_drift", "relation_kd_loss", "run_crkd"]
 
@@ -206,9 +206,7 @@ class CrKD:
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
         """Run a `configs/methods/crkd.yaml` recipe (see the module docstring) into `run_dir`."""
-        text = yaml.safe_dump(tree, sort_keys=False)
-        tree, trainer = split_trainer(tree, source)
-        cfg = load_task_config(CrKDConfig, tree, name=source)
+        cfg, trainer, text = parse_recipe(tree, source, CrKDConfig)
         return run_crkd(cfg, run_dir, trainer=trainer, pretrain_from=cfg.pretrain_from, config_text=text)
 
 

@@ -24,14 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from kdforge.config import OptimConfig, ScheduleConfig
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.models import create_model
 from kdforge.registry import METHODS
-from kdforge.tasks.common import LoopConfig, load_task_config
-from kdforge.train.stages import loop_settings, run_stage, split_trainer
+from kdforge.tasks.common import LoopConfig
+from kdforge.train.stages import loop_settings, parse_recipe, run_stage
 
 __all__ = ["DetectorRecipe", "build_detection", "run_detector"]
 
@@ -121,10 +120,9 @@ class Detector:
 
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
-        body, trainer = split_trainer(tree, source)
-        cfg = load_task_config(DetectorRecipe, body, name=source)
+        cfg, trainer, text = parse_recipe(tree, source, DetectorRecipe)
         cfg.check(source)
-        return run_detector(cfg, run_dir, trainer, yaml.safe_dump(tree, sort_keys=False))
+        return run_detector(cfg, run_dir, trainer, text)
 
 
 METHODS.register("detector", Detector, family="detection", paper="FCOS-style dense detector (no distillation)",

@@ -76,7 +76,8 @@ from kdforge.methods.ferkd_regions import (
 from kdforge.models import create_model
 from kdforge.registry import METHODS
 from kdforge.tasks.classification import ClassificationTask
-from kdforge.tasks.common import LoopConfig, load_task_config
+from kdforge.tasks.common import LoopConfig
+from kdforge.train.stages import parse_recipe
 
 STREAM_SELFMIX_PARTNER = 11
 STREAM_CROSSMIX_PARTNER = 13
@@ -400,12 +401,9 @@ class FerKD(Distiller):
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
         """Run a task recipe (`kdforge train configs/methods/ferkd.yaml`): teacher, bank, student."""
-        from kdforge.train.stages import split_trainer
-
-        body, trainer = split_trainer(tree, source)
-        cfg = load_task_config(FerKDRecipe, body, name=source)
+        cfg, trainer, text = parse_recipe(tree, source, FerKDRecipe)
         cfg.check(source)
-        return run_ferkd(cfg, run_dir, trainer, yaml.safe_dump(tree, sort_keys=False))
+        return run_ferkd(cfg, run_dir, trainer, text)
 
 
 # ---------------------------------------------------------------------------------------------

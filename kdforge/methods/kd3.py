@@ -84,7 +84,7 @@ from kdforge.distill.distiller import Step
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.registry import METHODS
 from kdforge.tasks.base import Autocast, TaskModule, rank_share, seeded_generator
-from kdforge.tasks.common import LoopConfig, load_task_config, predict, prepare_images
+from kdforge.tasks.common import LoopConfig, predict, prepare_images
 from kdforge.tasks.datafree import (
     NORMS,
     DataFreeData,
@@ -96,7 +96,7 @@ from kdforge.tasks.datafree import (
     tiny_cnn,
 )
 from kdforge.train.distributed import DistEnv
-from kdforge.train.stages import StageRun, loop_settings, run_stage, shared_recipe, split_trainer
+from kdforge.train.stages import StageRun, loop_settings, parse_recipe, run_stage, shared_recipe
 
 __all__ = [
     "KD3Config",
@@ -571,9 +571,8 @@ class KD3:
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: str | Path) -> dict[str, Any]:
         """Run a `configs/methods/kd3.yaml` recipe into `run_dir` (see the module docstring)."""
-        body, trainer = split_trainer(tree, source)
-        cfg = load_task_config(KD3Config, body, name=source)
-        return run_kd3(cfg, run_dir, trainer=trainer, config_text=yaml.safe_dump(tree, sort_keys=False))
+        cfg, trainer, text = parse_recipe(tree, source, KD3Config)
+        return run_kd3(cfg, run_dir, trainer=trainer, config_text=text)
 
 
 METHODS.register(

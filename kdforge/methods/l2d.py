@@ -61,7 +61,7 @@ from kdforge.config import OptimConfig, ScheduleConfig, TrainerConfig, to_dict
 from kdforge.distill.terms import Term
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.registry import METHODS
-from kdforge.tasks.common import LoopConfig, load_task_config
+from kdforge.tasks.common import LoopConfig
 from kdforge.tasks.multilabel import (
     AugmentSpec,
     LabelWiseNet,
@@ -70,7 +70,7 @@ from kdforge.tasks.multilabel import (
     labelwise_net,
     procedural_multilabel,
 )
-from kdforge.train.stages import StageRun, loop_settings, run_stage, shared_recipe, split_trainer
+from kdforge.train.stages import StageRun, loop_settings, parse_recipe, run_stage, shared_recipe
 
 __all__ = ["L2D", "L2DArgs", "L2DConfig", "build_multilabel", "l2d_terms", "load_teacher", "run_l2d",
            "train_teacher", "validation_split"]
@@ -292,9 +292,8 @@ class L2D:
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: str | Path) -> dict[str, Any]:
         """Run a `configs/methods/l2d.yaml` recipe into `run_dir` (see the module docstring)."""
-        body, trainer = split_trainer(tree, source)
-        cfg = load_task_config(L2DConfig, body, name=source)
-        return run_l2d(cfg, run_dir, trainer=trainer, config_text=yaml.safe_dump(tree, sort_keys=False))
+        cfg, trainer, text = parse_recipe(tree, source, L2DConfig)
+        return run_l2d(cfg, run_dir, trainer=trainer, config_text=text)
 
 
 METHODS.register(

@@ -102,10 +102,10 @@ from kdforge.distill.distiller import Step
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.registry import METHODS
 from kdforge.tasks.base import TaskModule
-from kdforge.tasks.common import LoopConfig, load_task_config
+from kdforge.tasks.common import LoopConfig
 from kdforge.tasks.datafree.model import TinyCNN
 from kdforge.tasks.domain import DomainBatch, DomainData, DomainTask, build_domains, class_mix, evaluate_target
-from kdforge.train.stages import loop_settings, run_stage, split_trainer
+from kdforge.train.stages import loop_settings, parse_recipe, run_stage
 
 __all__ = [
     "GradientSubspace",
@@ -612,9 +612,8 @@ class OTD:
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: str | Path) -> dict[str, Any]:
         """Run a `configs/methods/otd.yaml` recipe into `run_dir` (see the module docstring)."""
-        body, trainer = split_trainer(tree, source)
-        cfg = load_task_config(OTDConfig, body, name=source)
-        return run_otd(cfg, run_dir, trainer=trainer, config_text=yaml.safe_dump(tree, sort_keys=False))
+        cfg, trainer, text = parse_recipe(tree, source, OTDConfig)
+        return run_otd(cfg, run_dir, trainer=trainer, config_text=text)
 
 
 METHODS.register(

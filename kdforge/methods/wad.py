@@ -68,7 +68,7 @@ from kdforge.config import OptimConfig, ScheduleConfig, TrainerConfig
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.models import create_model
 from kdforge.registry import METHODS
-from kdforge.tasks.common import LoopConfig, load_task_config
+from kdforge.tasks.common import LoopConfig
 from kdforge.tasks.ssl import (
     ContrastiveEncoder,
     ContrastiveTask,
@@ -79,7 +79,7 @@ from kdforge.tasks.ssl import (
     mismatch_split,
     vector_augment,
 )
-from kdforge.train.stages import StageRun, loop_settings, run_stage, shared_recipe, split_trainer
+from kdforge.train.stages import StageRun, loop_settings, parse_recipe, run_stage, shared_recipe
 
 __all__ = [
     "WAD",
@@ -399,9 +399,8 @@ class WAD:
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
         """Run a `configs/methods/wad.yaml` recipe into `run_dir` (see the module docstring)."""
-        rest, trainer = split_trainer(tree, source)
-        cfg = load_task_config(WADConfig, rest, name=source)
-        return run_wad(cfg, run_dir, trainer=trainer, config_text=yaml.safe_dump(tree, sort_keys=False))
+        cfg, trainer, text = parse_recipe(tree, source, WADConfig)
+        return run_wad(cfg, run_dir, trainer=trainer, config_text=text)
 
 
 METHODS.register(

@@ -30,7 +30,8 @@ from kdforge.tasks.base import Task
 from kdforge.tasks.common import LoopConfig
 from kdforge.train.checkpoint import atomic_write_text, ensure_writable_dir, load_checkpoint
 
-__all__ = ["LoopConfig", "StageRun", "loop_settings", "recipe_tree", "run_recipe", "run_stage", "stage_dir"]
+__all__ = ["LoopConfig", "StageRun", "loop_settings", "parse_recipe", "recipe_tree", "run_recipe", "run_stage",
+           "shared_recipe", "stage_dir"]
 
 
 def loop_settings(loop: LoopConfig, seed: int, trainer: TrainerConfig | None = None) -> RunConfig:
@@ -153,6 +154,15 @@ def split_trainer(tree: dict[str, Any], source: str) -> tuple[dict[str, Any], Tr
         raise ConfigError(f"{source}: 'trainer' must be a mapping of trainer options")
     defaults = {"device": "cpu", "tensorboard": False}
     return tree, from_dict(TrainerConfig, {**defaults, **section}, source, prefix="trainer.")
+
+
+def parse_recipe(tree: dict[str, Any], source: str, schema: type) -> tuple[Any, TrainerConfig, str]:
+    """A method's `run_config` input -> (recipe validated into `schema`, recipe-wide trainer options,
+    the recipe's text for each stage's config.yaml)."""
+    from kdforge.tasks.common import load_task_config
+
+    body, trainer = split_trainer(tree, source)
+    return load_task_config(schema, body, name=source), trainer, yaml.safe_dump(tree, sort_keys=False)
 
 
 def run_recipe(path: str | Path | dict[str, Any], overrides: Sequence[str] = (), out: str | Path | None = None,
