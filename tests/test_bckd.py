@@ -68,3 +68,14 @@ def test_recipe_trains_teacher_then_student_with_bckd_terms(tmp_path: Path) -> N
 
 def test_stop_and_resume_is_bit_identical(tmp_path: Path) -> None:
     assert_resume_exact(RECIPE, TINY, tmp_path, stop_after=8)
+
+
+def test_bad_bckd_recipes_fail_in_one_line(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    for override, message in (("bckd.w_loc=-1", "bckd weights must be >= 0"),
+                              (f"teacher.run={tmp_path / 'none'}", "holds no finished run"),
+                              ("teacher.model.taps=[feat3]", "use the same backbone taps")):
+        assert main(["train", str(RECIPE), *TINY, override, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+        assert not (out / "config.yaml").exists()    # a refused recipe leaves no run behind

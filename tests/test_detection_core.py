@@ -268,3 +268,18 @@ def test_fcos_exposes_raw_outputs_learns_and_decodes() -> None:
     dets = decode(model.eval(), model(x), score_threshold=0.05)
     assert len(dets) == 4 and all(d["boxes"].shape[1] == 4 for d in dets)
     assert len(dets[0]["boxes"]) > 0 and float(box_iou(dets[0]["boxes"], boxes[0]).max()) > 0.3
+
+
+def test_scene_noise_split_and_augmentation_options_fail_in_one_line() -> None:
+    from kdforge.tasks.detection.augment import view_params
+    from kdforge.tasks.detection.scenes import noisy_boxes, procedural_scenes
+
+    for kwargs, match in (({"num_classes": 21}, "num_classes <= 20"), ({"size": 8}, "size >= 16"),
+                          ({"min_scale": 0.6, "max_scale": 0.5}, "min_scale <= max_scale")):
+        with pytest.raises(KdforgeError, match=match):
+            procedural_scenes(2, **kwargs)
+    _, data = procedural_scenes(2, seed=0)
+    with pytest.raises(KdforgeError, match=r"ratio must be in \[0, 1\)"):
+        noisy_boxes(data, 1.5)
+    with pytest.raises(KdforgeError, match="scale_range"):
+        view_params(torch.tensor([0]), 0, 0, (32, 32), 32, (1.2, 0.8))

@@ -26,3 +26,12 @@ def test_detector_recipe_writes_a_run_directory_with_coco_metrics_and_a_picture(
 
 def test_detector_stop_and_resume_is_bit_identical(tmp_path: Path) -> None:
     assert_resume_exact(RECIPE, TINY, tmp_path, stop_after=8)
+
+
+def test_bad_detector_recipes_fail_in_one_line(tmp_path: Path, capsys) -> None:
+    for override, message in (("augment.scale_range=[0.5]", "augment.scale_range must be [low, high]"),
+                              ("model.widht=8", "unknown key 'model.widht'"),
+                              ("data.num_classes=40", "num_classes <= 20")):
+        assert main(["train", str(RECIPE), *TINY, override, "--out", str(tmp_path / override)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err

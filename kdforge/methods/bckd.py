@@ -136,6 +136,10 @@ def run_bckd(cfg: BCKDRecipe, run_dir: str | Path, trainer: Any = None, config_t
         raise ConfigError("bckd recipe: bckd weights must be >= 0")
     train, test = build_detection(cfg)
     size, k = cfg.data.size, cfg.data.num_classes
+    t_strides, s_strides = _detector(cfg.teacher.model, k, size).strides, _detector(cfg.model, k, size).strides
+    if t_strides != s_strides:      # checked before anything trains
+        raise KdforgeError(f"bckd: teacher strides {t_strides} differ from the student's {s_strides}; "
+                           "use the same backbone taps so both predict on one location grid")
 
     def teacher_task() -> DetectionTask:
         torch.manual_seed(cfg.teacher.seed)
@@ -158,9 +162,6 @@ def run_bckd(cfg: BCKDRecipe, run_dir: str | Path, trainer: Any = None, config_t
     teacher = stage.module.eval_model()
     torch.manual_seed(cfg.seed)
     student = _detector(cfg.model, k, size)
-    if student.strides != teacher.strides:
-        raise KdforgeError(f"bckd: teacher strides {teacher.strides} differ from the student's {student.strides}; "
-                           "use the same backbone taps so both predict on one location grid")
     task = DetectionTask(student, train, test, cfg.train.batch_size, cfg.seed, tuple(cfg.augment.scale_range),
                          cfg.augment.flip, module=BCKDModule(student, teacher, cfg.bckd),
                          extra_result={"teacher_test_AP": stage.result.get("test_AP")})

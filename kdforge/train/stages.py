@@ -193,10 +193,20 @@ def run_recipe(path: str | Path | dict[str, Any], overrides: Sequence[str] = (),
     if resume and not (root / "config.yaml").is_file():
         raise KdforgeError(f"cannot resume: {root / 'config.yaml'} not found (is {root} a kdforge run directory?)")
     env.barrier()                  # all ranks checked before rank 0 writes
+    existed = root.exists()
     if env.is_main:
         ensure_writable_dir(root, "run directory")
         atomic_write_text(root / "config.yaml", yaml.safe_dump(tree, sort_keys=False))
-    return runner(tree, source, root)
+    try:
+        return runner(tree, source, root)
+    except KdforgeError:
+        # a recipe refused before anything trained leaves no run behind (else the next try would
+        # meet "already holds a run"); an interrupted run keeps its checkpoints and stays resumable
+        if not resume and env.is_main and [p.name for p in root.iterdir()] == ["config.yaml"]:
+            (root / "config.yaml").unlink()
+            if not existed:
+                root.rmdir()
+        raise
 
 
 def is_task_recipe(path: str | Path) -> bool:
