@@ -30,7 +30,7 @@ from kdforge.distill.distiller import Step
 from kdforge.errors import KdforgeError
 from kdforge.train.distributed import DistEnv
 
-__all__ = ["Task", "TaskModule", "rank_share", "seeded_generator", "stream_batch"]
+__all__ = ["Task", "TaskModule", "rank_share", "seeded_generator", "stream_batch", "top1_counts", "top1_rate"]
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
@@ -166,6 +166,16 @@ class TaskModule(nn.Module):
 
 
 # ------------------------------------------------------------------------------------- helpers
+
+
+def top1_counts(logits: Tensor, target: Tensor) -> dict[str, Tensor]:
+    """A task's `train_counts` for a top-1 training metric: correct predictions and samples (device ops only)."""
+    return {"correct": (logits.detach().argmax(1) == target).sum(), "samples": target.new_full((), target.shape[0])}
+
+
+def top1_rate(counts: dict[str, float], name: str = "train_top1") -> dict[str, float]:
+    """The `train_metrics` of `top1_counts`: accuracy in % over the epoch's samples."""
+    return {name: 100.0 * counts.get("correct", 0.0) / max(1.0, counts.get("samples", 0.0))}
 
 
 def seeded_generator(*parts: int) -> torch.Generator:

@@ -20,7 +20,7 @@ from kdforge.data.stream import StreamingImages, batch_source, fetch_images
 from kdforge.data.transforms import apply_crop_flip, crop_flip_params, to_normalized
 from kdforge.distill.distiller import Batch, Distiller, Step
 from kdforge.errors import KdforgeError
-from kdforge.tasks.base import Autocast, Task
+from kdforge.tasks.base import Autocast, Task, top1_counts, top1_rate
 from kdforge.train.build import RunData, build_distiller, load_data
 from kdforge.train.distributed import DistEnv, local_batch
 from kdforge.train.metrics import evaluate_counts, rates
@@ -151,12 +151,10 @@ class ClassificationTask(Task):
             yield self.make_batch(index, epoch, step, images, target)
 
     def train_counts(self, out: Step, batch: Batch) -> dict[str, Tensor]:
-        return {"correct": (out.outputs.detach().argmax(1) == batch.target).sum(),
-                "samples": batch.target.new_full((), len(batch.index))}     # a fill, no host-to-device copy
+        return top1_counts(out.outputs, batch.target)
 
     def train_metrics(self, counts: dict[str, float]) -> dict[str, float]:
-        seen = counts.get("samples", 0.0)
-        return {"train_top1": 100.0 * counts.get("correct", 0.0) / max(1.0, seen), "train_samples": int(seen)}
+        return {**top1_rate(counts), "train_samples": int(counts.get("samples", 0.0))}
 
     # -- evaluation --------------------------------------------------------------------------------
 

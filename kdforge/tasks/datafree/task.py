@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from kdforge.distill.distiller import Step
 from kdforge.errors import KdforgeError
-from kdforge.tasks.base import Autocast, Task, TaskModule, rank_share, stream_batch
+from kdforge.tasks.base import Autocast, Task, TaskModule, rank_share, stream_batch, top1_counts, top1_rate
 from kdforge.tasks.common import augment_images, predict, prepare_images
 from kdforge.tasks.datafree.data import DataFreeData
 from kdforge.tasks.datafree.model import TinyCNN
@@ -160,11 +160,10 @@ class SupervisedTask(DataFreeTask):
         return SupervisedNet(tiny_cnn(self.data.num_classes, self.width, self.norm))
 
     def train_counts(self, out: Step, batch: WebBatch) -> dict[str, Tensor]:
-        return {"correct": (out.outputs.detach().argmax(1) == batch.truth).sum(),
-                "samples": torch.tensor(len(batch.index), device=batch.truth.device)}
+        return top1_counts(out.outputs, batch.truth)
 
     def train_metrics(self, counts: dict[str, float]) -> dict[str, float]:
-        return {"train_top1": 100.0 * counts.get("correct", 0.0) / max(1.0, counts.get("samples", 0.0))}
+        return top1_rate(counts, "train_top1")
 
     def result(self, module: nn.Module, env: DistEnv, autocast: Autocast | None = None) -> dict[str, Any]:
         out = {"test_top1": self.evaluate(module, "test", env)["top1"]}

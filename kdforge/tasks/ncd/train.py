@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from kdforge.distill.distiller import Step
 from kdforge.errors import KdforgeError
-from kdforge.tasks.base import Autocast, Task, TaskModule, rank_share, stream_batch
+from kdforge.tasks.base import Autocast, Task, TaskModule, rank_share, stream_batch, top1_counts, top1_rate
 from kdforge.tasks.ncd.data import NCDData
 from kdforge.tasks.ncd.evaluate import evaluate_ncd, known_accuracy
 from kdforge.tasks.ncd.losses import discovery_targets, swapped_prediction_loss
@@ -193,11 +193,10 @@ class PretrainTask(_NCDTask):
         return ncd_batch(self.train, idx, epoch, self.seed, self.spec, self.views)
 
     def train_counts(self, out: Step, batch: NCDBatch) -> dict[str, Tensor]:
-        return {"correct": (out.outputs.detach().argmax(1) == batch.labels).sum(),
-                "samples": torch.tensor(len(batch.labels), device=batch.labels.device)}
+        return top1_counts(out.outputs, batch.labels)
 
     def train_metrics(self, counts: dict[str, float]) -> dict[str, float]:
-        return {"train_known_top1": 100.0 * counts.get("correct", 0.0) / max(1.0, counts.get("samples", 0.0))}
+        return top1_rate(counts, "train_known_top1")
 
     def result(self, module: nn.Module, env: DistEnv, autocast: Autocast | None = None) -> dict[str, Any]:
         return {"test_known": known_accuracy(module.student, self.test)}

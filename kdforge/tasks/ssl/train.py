@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from kdforge.distill.distiller import Step
 from kdforge.errors import KdforgeError
 from kdforge.models import create_model
-from kdforge.tasks.base import Task, TaskModule, rank_share, stream_batch
+from kdforge.tasks.base import Task, TaskModule, rank_share, stream_batch, top1_counts, top1_rate
 from kdforge.tasks.common import predict
 from kdforge.tasks.ssl.data import SSLData
 from kdforge.train.distributed import DistEnv
@@ -203,11 +203,10 @@ class RoundsTask(Task):
         return out
 
     def train_counts(self, out: Step, batch: SSLBatch) -> dict[str, Tensor]:
-        return {"correct": (out.outputs.detach().argmax(1) == batch.y_lab).sum(),
-                "samples": torch.tensor(len(batch.y_lab), device=batch.y_lab.device)}
+        return top1_counts(out.outputs, batch.y_lab)
 
     def train_metrics(self, counts: dict[str, float]) -> dict[str, float]:
-        return {"train_labelled_top1": 100.0 * counts.get("correct", 0.0) / max(1.0, counts.get("samples", 0.0))}
+        return top1_rate(counts, "train_labelled_top1")
 
     # -- results and state -----------------------------------------------------------------------------
 
