@@ -48,9 +48,8 @@ def run_experiment(path: str | Path, jobs: int = 1, only: str | None = None, out
         if not wanted:
             raise KdforgeError(f"--only {only} selects no cell of {cfg.source}")
         if "stage" not in selection:
-            needed = {(s.name, s.seed) for s in stages}
-            missing = [s for s in stages if not s.done and (s.seed is None or str(s.seed) == selection.get(
-                "seed", str(s.seed))) and (s.name, s.seed) in needed]
+            seed = selection.get("seed")
+            missing = [s for s in stages if not s.done and (s.seed is None or seed is None or str(s.seed) == seed)]
             if missing:
                 raise KdforgeError(f"stage {missing[0].label} is not finished; run it first: kdforge experiment "
                                    f"{path} --only stage={missing[0].name}" +

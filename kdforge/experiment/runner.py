@@ -101,15 +101,11 @@ def parse_only(text: str | None) -> dict[str, str]:
 
 
 def select(cells: list[Cell], only: dict[str, str]) -> list[Cell]:
-    def keep(c: Cell) -> bool:
-        if "stage" in only and (c.kind != "stage" or c.name != only["stage"]):
-            return False
-        if "arm" in only and (c.kind != "arm" or c.name != only["arm"]):
-            return False
-        if "seed" in only and str(c.seed) != only["seed"] and not (c.kind == "stage" and c.seed is None):
-            return False
-        return ("stage" in only) == (c.kind == "stage") or not only
-    return [c for c in cells if keep(c)]
+    """The cells `only` names: stages (`stage=`) or arms (`arm=`, `seed=`, or both)."""
+    kind = "stage" if "stage" in only else "arm"
+    name, seed = only.get(kind), only.get("seed")
+    return [c for c in cells if c.kind == kind and (name is None or c.name == name)
+            and (seed is None or c.seed is None or str(c.seed) == seed)]
 
 
 # ------------------------------------------------------------------------------------- running
