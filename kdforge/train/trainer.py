@@ -375,8 +375,7 @@ class Trainer:
         row: dict[str, Any] = {"epoch": epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"]}
         row.update(task.train_metrics({k: float(v) for k, v in zip(cnames, totals[len(names):])}))
         row["epoch_time_s"] = round(epoch_time, 3)
-        row.update({f"train_{k}": float(torch.tensor(float(v)).float()) / steps_done
-                    for k, v in zip(names, totals[:len(names)])})
+        row.update({f"train_{k}": float(v) / steps_done for k, v in zip(names, totals[:len(names)])})
         task.on_epoch_end(self.module, epoch)
         self.epoch += 1
         self.step_in_epoch = 0
