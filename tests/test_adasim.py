@@ -15,8 +15,7 @@ from kdforge.errors import ConfigError
 from kdforge.methods.adasim import AdaSimConfig, AdaSimTask, NeighbourBank, adaptive_partners, vote_scores
 from kdforge.tasks.common import load_task_config
 from kdforge.tasks.selfsup import dino_loss, ema_update, knn_accuracy, random_view, view_params
-from kdforge.tasks.selfsup.dist import GlobalBatchNorm2d, global_batchnorm
-from kdforge.train.distributed import DistEnv
+from kdforge.train.distributed import DistEnv, GlobalBatchNorm2d, global_batchnorm
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "methods" / "adasim.yaml"
 # 64 images, batch 16: 4 steps/epoch x 3 epochs; window 1 and a soft sampling temperature, so the

@@ -23,8 +23,7 @@ from torch import Tensor, nn
 from kdforge.distill.distiller import Step
 from kdforge.errors import KdforgeError
 from kdforge.tasks.base import TaskModule
-from kdforge.tasks.selfsup.dist import gather_rows
-from kdforge.train.distributed import DistEnv
+from kdforge.train.distributed import DistEnv, gather_rows
 
 __all__ = ["DINOHead", "DINOModule", "DINOSpec", "SelfDistillNet", "ViewBatch", "cosine_momentum", "dino_loss",
            "ema_update"]

@@ -26,10 +26,9 @@ from kdforge.tasks.base import Autocast, Task, rank_share, seeded_generator, str
 from kdforge.tasks.common import LoopConfig, predict
 from kdforge.tasks.datafree.model import TinyCNN
 from kdforge.tasks.selfsup.dino import DINOHead, DINOModule, DINOSpec, SelfDistillNet, ViewBatch
-from kdforge.tasks.selfsup.dist import gather_rows, global_batchnorm
 from kdforge.tasks.selfsup.metrics import knn_accuracy, linear_probe_accuracy
 from kdforge.tasks.selfsup.views import apply_view, slice_params, view_params
-from kdforge.train.distributed import DistEnv
+from kdforge.train.distributed import DistEnv, gather_rows, global_batchnorm
 
 __all__ = ["SSLDataConfig", "SSLEvalConfig", "SelfDistillTask"]
 

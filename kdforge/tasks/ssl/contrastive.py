@@ -22,7 +22,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -30,14 +29,13 @@ from kdforge.distill.distiller import Step
 from kdforge.errors import KdforgeError
 from kdforge.tasks.base import Task, TaskModule, rank_share, seeded_generator, stream_batch
 from kdforge.tasks.common import predict
-from kdforge.train.distributed import DistEnv
+from kdforge.train.distributed import DistEnv, gather_with_grad
 
 __all__ = [
     "ContrastiveEncoder",
     "ContrastiveModule",
     "ContrastiveTask",
     "embed",
-    "gather_with_grad",
     "nt_xent_loss",
     "vector_augment",
 ]
@@ -69,30 +67,6 @@ def vector_augment(
     gain = torch.exp(torch.randn(x.shape, generator=gen) * scale)
     keep = (torch.rand(x.shape, generator=gen) >= drop).to(x.dtype)
     return x * gain * keep + torch.randn(x.shape, generator=gen) * noise
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 whose backward returns the sum over ranks of the gradient of the own rows."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)          # all_reduce, not reduce_scatter: gloo has no reduce_scatter
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
-
-
-def gather_with_grad(x: Tensor) -> Tensor:
-    """Every rank's `x` concatenated in rank order (dim 0), differentiable; `x` itself in one process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return _GatherWithGrad.apply(x)
 
 
 class ContrastiveEncoder(nn.Module):
