@@ -31,8 +31,7 @@ from kdforge.config import OptimConfig, ScheduleConfig, to_dict
 from kdforge.distill.distiller import Step
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.losses.bckd import bckd_cls_loss, bckd_loc_loss, bckd_location_weights
-from kdforge.methods.detector import AugmentSpec, DetectorModelConfig, SceneDataConfig, build_detection
-from kdforge.models import create_model
+from kdforge.methods.detector import AugmentSpec, DetectorModelConfig, SceneDataConfig, build_detection, make_detector
 from kdforge.registry import METHODS
 from kdforge.tasks.common import LoopConfig
 from kdforge.tasks.detection.fcos import FCOS, dense_predictions, fcos_loss
@@ -78,8 +77,10 @@ class BCKDRecipe:
 
 
 def _detector(m: DetectorModelConfig, num_classes: int, size: int) -> FCOS:
-    backbone = create_model(m.backbone, num_classes=num_classes, **m.backbone_args)
-    return FCOS(backbone, m.taps, num_classes, width=m.width, tower=m.tower, probe_size=size)
+    if m.kind != "fcos":
+        raise ConfigError(f"bckd: model.kind must be fcos (dense sigmoid classification on a location grid), "
+                          f"got {m.kind!r}")
+    return make_detector(m, num_classes, size)
 
 
 def _teacher_identity(cfg: BCKDRecipe) -> dict[str, Any]:

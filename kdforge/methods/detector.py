@@ -6,7 +6,9 @@ detection KD method starts from and the way to train their teachers. Recipe sche
     method: detector
     seed: int                        # initialisation, batch order and views
     data: {num_train, num_test, num_classes, size, max_objects, min_scale, max_scale, clutter, seed}
-    model: {backbone, backbone_args, taps, width, tower}      # FCOS-style head on the backbone's taps
+    model: {kind, backbone, backbone_args, taps, width, tower, head}
+                                     # kind: fcos | two_stage | query (kdforge.tasks.detection.models);
+                                     # tower: the fcos head's depth; head: the kind's own options
     train: LoopConfig                # {epochs, batch_size, optim, schedule, grad_clip, progress}
     augment: {scale_range, flip}
     trainer: {...}                   # optional TrainerConfig options
@@ -27,12 +29,11 @@ import torch
 
 from kdforge.config import OptimConfig, ScheduleConfig
 from kdforge.errors import ConfigError, KdforgeError
-from kdforge.models import create_model
 from kdforge.registry import METHODS
 from kdforge.tasks.common import LoopConfig
 from kdforge.train.stages import loop_settings, parse_recipe, run_stage
 
-__all__ = ["DetectorRecipe", "build_detection", "run_detector"]
+__all__ = ["DetectorModelConfig", "DetectorRecipe", "build_detection", "make_detector", "run_detector"]
 
 
 @dataclass
@@ -50,11 +51,21 @@ class SceneDataConfig:
 
 @dataclass
 class DetectorModelConfig:
+    kind: str = "fcos"
     backbone: str = "convnet"
     backbone_args: dict[str, Any] = field(default_factory=lambda: {"width": 16})
     taps: list[str] = field(default_factory=lambda: ["feat2", "feat3"])
     width: int = 32
-    tower: int = 2
+    tower: int = 2                   # fcos only
+    head: dict[str, Any] = field(default_factory=dict)      # the kind's own options
+
+
+def make_detector(m: DetectorModelConfig, num_classes: int, size: int) -> Any:
+    """The detector a recipe's `model` block names (see `kdforge.tasks.detection.models`)."""
+    from kdforge.tasks.detection.models import build_detector
+
+    head = {"tower": m.tower, **m.head} if m.kind == "fcos" else dict(m.head)
+    return build_detector(m.kind, m.backbone, m.backbone_args, m.taps, num_classes, m.width, size, **head)
 
 
 @dataclass
@@ -96,16 +107,13 @@ def build_detection(cfg: DetectorRecipe) -> tuple[Any, Any]:
 
 def run_detector(cfg: DetectorRecipe, run_dir: str | Path, trainer: Any = None,
                  config_text: str = "") -> dict[str, Any]:
-    from kdforge.tasks.detection.fcos import FCOS
     from kdforge.tasks.detection.metrics import require_pycocotools
     from kdforge.tasks.detection.task import DetectionTask
 
     require_pycocotools()
     train, test = build_detection(cfg)
     torch.manual_seed(cfg.seed)
-    m = cfg.model
-    backbone = create_model(m.backbone, num_classes=cfg.data.num_classes, **m.backbone_args)
-    detector = FCOS(backbone, m.taps, cfg.data.num_classes, width=m.width, tower=m.tower, probe_size=cfg.data.size)
+    detector = make_detector(cfg.model, cfg.data.num_classes, cfg.data.size)
     task = DetectionTask(detector, train, test, cfg.train.batch_size, cfg.seed, tuple(cfg.augment.scale_range),
                          cfg.augment.flip)
     return run_stage(run_dir, None, loop_settings(cfg.train, cfg.seed, trainer), task, config_text).result

@@ -24,7 +24,7 @@ from kdforge.errors import KdforgeError
 from kdforge.models.taps import FeatureTap
 from kdforge.tasks.detection.boxes import batched_nms
 
-__all__ = ["FCOS", "decode", "dense_predictions", "fcos_loss", "fcos_targets", "giou_loss", "locations",
+__all__ = ["FCOS", "build_fcos", "decode", "dense_predictions", "fcos_loss", "fcos_targets", "giou_loss", "locations",
            "sigmoid_focal_loss"]
 
 
@@ -70,6 +70,21 @@ class FCOS(nn.Module):
             out["box"].append(self.box(h).clamp(max=10).exp())
             out["ctr"].append(self.ctr(h))
         return out
+
+    def loss(self, out: dict[str, list[Tensor]], boxes: list[Tensor], labels: list[Tensor],
+             stats: dict[str, float] | None = None) -> dict[str, Tensor]:
+        """The detector interface (see `kdforge.tasks.detection.models`): `fcos_loss`."""
+        return fcos_loss(self, out, boxes, labels, stats)
+
+    def decode(self, out: dict[str, list[Tensor]]) -> list[dict[str, Tensor]]:
+        """The detector interface: per-image boxes / scores / labels after NMS (`decode`)."""
+        return decode(self, out)
+
+
+def build_fcos(backbone: nn.Module, taps: list[str], num_classes: int, width: int = 32, size: int = 64,
+               tower: int = 2) -> FCOS:
+    """`model.kind: fcos` (see `kdforge.tasks.detection.models`)."""
+    return FCOS(backbone, taps, num_classes, width=width, tower=tower, probe_size=size)
 
 
 def locations(h: int, w: int, stride: int, device: torch.device | None = None) -> Tensor:

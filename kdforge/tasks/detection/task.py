@@ -22,7 +22,6 @@ from kdforge.tasks.base import Task, TaskModule, rank_share, stream_batch
 from kdforge.tasks.detection.augment import augment_batch, view_params
 from kdforge.tasks.detection.boxes import xywh_to_xyxy
 from kdforge.tasks.detection.coco import CocoData
-from kdforge.tasks.detection.fcos import FCOS, decode, fcos_loss
 from kdforge.tasks.detection.metrics import coco_ap
 from kdforge.train.distributed import DistEnv
 
@@ -63,10 +62,20 @@ class DetectionBatch:
     index: Tensor
 
 
-class DetectorModule(TaskModule):
-    """The trained detector (`student`); its losses are the task group."""
+def _first_tensor(out: Any) -> Tensor:
+    """A small tensor of the raw outputs for the Step's `outputs` slot (the trainer only logs it)."""
+    while not isinstance(out, Tensor):
+        out = next(iter(out.values())) if isinstance(out, dict) else out[0]
+    return out
 
-    def __init__(self, detector: FCOS) -> None:
+
+class DetectorModule(TaskModule):
+    """The trained detector (`student`); its losses are the task group.
+
+    Any detector of `kdforge.tasks.detection.models` (the interface: forward -> raw outputs,
+    `loss(out, boxes, labels, stats)`, `decode(out)`)."""
+
+    def __init__(self, detector: nn.Module) -> None:
         super().__init__()
         self.student = detector
 
@@ -75,15 +84,15 @@ class DetectorModule(TaskModule):
 
     def forward(self, batch: DetectionBatch) -> Step:
         out = self.student(batch.images)
-        losses = fcos_loss(self.student, out, batch.boxes, batch.labels)
-        return Step(outputs=out["cls"][0].detach(), losses=losses, groups={k: "task" for k in losses},
+        losses = self.student.loss(out, batch.boxes, batch.labels)
+        return Step(outputs=_first_tensor(out).detach(), losses=losses, groups={k: "task" for k in losses},
                     extras={"raw": out})
 
 
 class DetectionTask(Task):
     name = "detection"
 
-    def __init__(self, detector: FCOS, train: DetectionData, test: DetectionData, batch_size: int, seed: int = 0,
+    def __init__(self, detector: nn.Module, train: DetectionData, test: DetectionData, batch_size: int, seed: int = 0,
                  scale_range: tuple[float, float] = (0.75, 1.25), flip: bool = True,
                  module: nn.Module | None = None, extra_result: dict[str, Any] | None = None) -> None:
         """`module`: the training module when a method adds terms (default: the detector's own losses);
@@ -119,7 +128,7 @@ class DetectionTask(Task):
         out: list[dict[str, Tensor]] = []
         for start in range(0, len(data), 64):
             x = (data.images[start:start + 64].float() / 255 - MEAN) / STD
-            out += decode(net, net(x.to(self.device)))
+            out += net.decode(net(x.to(self.device)))
         net.train(was)
         return out
 
@@ -138,7 +147,8 @@ class DetectionTask(Task):
         return {**{f"test_{k}": v for k, v in self.evaluate(module, "test", env).items()}, **self.extra_result}
 
     def describe(self) -> dict[str, Any]:
-        return {"task": self.name, "detector": type(self.detector).__name__, "strides": self.detector.strides}
+        return {"task": self.name, "detector": type(self.detector).__name__,
+                "strides": getattr(self.detector, "strides", None)}
 
     def draw(self, module: nn.Module, path: Path) -> bool:
         """Test images with ground truth (green) and predictions above 0.3 (red, with scores)."""
