@@ -6,6 +6,8 @@ detection KD method starts from and the way to train their teachers. Recipe sche
     method: detector
     seed: int                        # initialisation, batch order and views
     data: {num_train, num_test, num_classes, size, max_objects, min_scale, max_scale, clutter, seed}
+                                     # or a user's COCO data: {format: coco, size, on_bad,
+                                     #   train: {annotations: a.json, images: DIR}, test: {...}}
     model: {kind, backbone, backbone_args, taps, width, tower, head}
                                      # kind: fcos | two_stage | query (kdforge.tasks.detection.models);
                                      # tower: the fcos head's depth; head: the kind's own options
@@ -14,7 +16,9 @@ detection KD method starts from and the way to train their teachers. Recipe sche
     trainer: {...}                   # optional TrainerConfig options
 
 Data are procedural scenes (`kdforge.tasks.detection.scenes`), test scenes drawn with data.seed +
-1000. Result: COCO AP, AP50, AP75, AP-small/medium/large (pycocotools) of the final weights on
+1000, or a user's COCO JSON + image folder per split (`kdforge.tasks.detection.images`:
+letterboxed to data.size for training, AP computed in the images' own pixel frame; num_classes
+follows the categories). Result: COCO AP, AP50, AP75, AP-small/medium/large (pycocotools) of the final weights on
 the test split, and predictions.png. DDP: allowed (per-sample losses; GroupNorm head; the
 backbone's batch norm sees each rank's share).
 """
@@ -37,7 +41,17 @@ __all__ = ["DetectorModelConfig", "DetectorRecipe", "build_detection", "make_det
 
 
 @dataclass
+class CocoSplitSpec:
+    annotations: str = ""            # COCO JSON (paths relative to the working directory)
+    images: str = ""                 # the folder its file_name entries are relative to
+
+
+@dataclass
 class SceneDataConfig:
+    format: str = "procedural"       # procedural | coco (a user's data: data.train / data.test below)
+    train: CocoSplitSpec | None = None
+    test: CocoSplitSpec | None = None
+    on_bad: str = "error"            # coco: error | drop (counted) on a bad annotation
     num_train: int = 400
     num_test: int = 100
     num_classes: int = 5
@@ -92,12 +106,38 @@ class DetectorRecipe:
             raise ConfigError(f"{source}: augment.scale_range must be [low, high]")
 
 
+def _coco_splits(d: SceneDataConfig) -> tuple[Any, Any]:
+    """A user's COCO train / test sets, letterboxed to data.size; data.num_classes follows their categories."""
+    from kdforge.tasks.detection.images import load_coco_images
+
+    for name in ("train", "test"):
+        spec = getattr(d, name)
+        if spec is None or not spec.annotations or not spec.images:
+            raise ConfigError(f"data.format coco needs data.{name}: {{annotations: FILE.json, images: DIR}}")
+    train = load_coco_images(d.train.annotations, d.train.images, d.size, d.on_bad)
+    test = load_coco_images(d.test.annotations, d.test.images, d.size, d.on_bad)
+    if train.category_ids != test.category_ids:
+        raise ConfigError(f"data: the test categories {test.category_ids} differ from the train categories "
+                          f"{train.category_ids}")
+    d.num_classes = train.num_classes
+    for split, data in (("train", train), ("test", test)):
+        if data.coco.dropped:
+            print(f"data.{split}: dropped bad annotations {data.coco.dropped} (data.on_bad: drop)", flush=True)
+    return train, test
+
+
 def build_detection(cfg: DetectorRecipe) -> tuple[Any, Any]:
-    """Train and test splits (procedural scenes; test drawn with data.seed + 1000)."""
+    """Train and test splits: procedural scenes (test drawn with data.seed + 1000) or a user's COCO data."""
     from kdforge.tasks.detection.scenes import procedural_scenes
     from kdforge.tasks.detection.task import DetectionData
 
     d = cfg.data
+    if d.format not in ("procedural", "coco"):
+        raise ConfigError(f"data.format must be procedural or coco, got {d.format!r}")
+    if d.on_bad not in ("error", "drop"):
+        raise ConfigError(f"data.on_bad must be error or drop, got {d.on_bad!r}")
+    if d.format == "coco":
+        return _coco_splits(d)
     common = {"num_classes": d.num_classes, "size": d.size, "max_objects": d.max_objects,
               "min_scale": d.min_scale, "max_scale": d.max_scale, "clutter": d.clutter}
     train = DetectionData(*procedural_scenes(d.num_train, seed=d.seed, **common))

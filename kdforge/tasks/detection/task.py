@@ -32,15 +32,38 @@ MEAN, STD = 0.5, 0.25
 
 @dataclass
 class DetectionData:
-    """One split: uint8 images and their COCO annotations (category ids 1..K map to labels 0..K-1)."""
+    """One split: uint8 images and their COCO annotations in the images' pixel frame.
+
+    Labels: the position of an annotation's category id in `category_ids` (default: id - 1, the
+    procedural scenes' ids 1..K). `original` and `scales` (per image): a user's data set
+    letterboxed by `images.load_coco_images`; evaluation maps predictions back by 1 / scale and
+    scores them against `original`, in the user's own frame.
+    """
 
     images: Tensor
     coco: CocoData
+    category_ids: list[int] | None = None
+    original: CocoData | None = None
+    scales: Tensor | None = None
 
     def __post_init__(self) -> None:
         self._by_image: dict[Any, list[dict[str, Any]]] = {}      # one pass, not one scan per image
         for a in self.coco.annotations:
             self._by_image.setdefault(a["image_id"], []).append(a)
+        self._label = None if self.category_ids is None else {c: i for i, c in enumerate(self.category_ids)}
+
+    def label_of(self, category_id: Any) -> int:
+        return int(category_id) - 1 if self._label is None else self._label[category_id]
+
+    def category_of(self, label: int) -> Any:
+        return label + 1 if self.category_ids is None else self.category_ids[label]
+
+    @property
+    def num_classes(self) -> int:
+        """K: labels are 0..K-1 (procedural scenes: the largest category id)."""
+        if self.category_ids is not None:
+            return len(self.category_ids)
+        return max((int(c["id"]) for c in self.coco.categories), default=0)
 
     def targets(self, i: int) -> tuple[Tensor, Tensor]:
         """(xyxy boxes, labels) of image position `i`."""
@@ -48,7 +71,7 @@ class DetectionData:
         if not anns:
             return torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
         return (xywh_to_xyxy(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32)),
-                torch.tensor([a["category_id"] - 1 for a in anns], dtype=torch.long))
+                torch.tensor([self.label_of(a["category_id"]) for a in anns], dtype=torch.long))
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -135,13 +158,14 @@ class DetectionTask(Task):
     def evaluate(self, module: nn.Module, split: str, env: DistEnv, autocast: Any = None) -> dict[str, float]:
         data = {"train": self.train, "test": self.test}[split]
         detections = []
-        for img, det in zip(data.coco.images, self.predictions(module, data)):
+        for i, (img, det) in enumerate(zip(data.coco.images, self.predictions(module, data))):
+            back = 1.0 if data.scales is None else 1.0 / float(data.scales[i])     # to the user's own frame
             for box, score, label in zip(det["boxes"].cpu().tolist(), det["scores"].cpu().tolist(),
                                          det["labels"].cpu().tolist()):
-                x1, y1, x2, y2 = box
-                detections.append({"image_id": img["id"], "category_id": int(label) + 1,
+                x1, y1, x2, y2 = (v * back for v in box)
+                detections.append({"image_id": img["id"], "category_id": data.category_of(int(label)),
                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
-        return coco_ap(data.coco, detections)
+        return coco_ap(data.original or data.coco, detections)
 
     def result(self, module: nn.Module, env: DistEnv, autocast: Any = None) -> dict[str, Any]:
         return {**{f"test_{k}": v for k, v in self.evaluate(module, "test", env).items()}, **self.extra_result}
@@ -158,7 +182,8 @@ class DetectionTask(Task):
         from matplotlib.patches import Rectangle
 
         count = min(8, len(self.test))
-        dets = self.predictions(module, DetectionData(self.test.images[:count], self.test.coco))
+        dets = self.predictions(module, DetectionData(self.test.images[:count], self.test.coco,
+                                                      self.test.category_ids))
         fig, axes = plt.subplots(2, (count + 1) // 2, figsize=(2.4 * ((count + 1) // 2), 5), squeeze=False)
         for i, ax in enumerate(axes.flat):
             ax.axis("off")
