@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
     train.set_defaults(fn=_cmd_train)
 
-    ev = sub.add_parser("eval", help="evaluate a classification run's checkpoint (top-1, top-5, loss)")
+    ev = sub.add_parser("eval", help="evaluate a run's checkpoint (classification: top-1, top-5, loss; "
+                                     "task recipes: their test metrics, e.g. COCO AP)")
     ev.add_argument("run_dir", help="a run directory written by kdforge train")
     ev.add_argument("overrides", nargs="*", help="config overrides, e.g. data.eval_batch_size=512")
     ev.add_argument("--checkpoint", default="last", choices=["last", "best"],

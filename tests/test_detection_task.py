@@ -24,6 +24,25 @@ def test_detector_recipe_writes_a_run_directory_with_coco_metrics_and_a_picture(
     assert "train_cls" in rows[0] and "train_box" in rows[0] and "train_ctr" in rows[0] and len(rows) == 3
 
 
+def test_kdforge_eval_measures_a_finished_detection_run_again_and_refuses_an_unfinished_one(tmp_path: Path,
+                                                                                          capsys) -> None:
+    assert main(["train", str(RECIPE), *TINY, "--out", str(tmp_path / "run")]) == 0
+    trained = json.loads((tmp_path / "run/result.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run")]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert measured["split"] == "test" and measured["test_AP"] == trained["test_AP"]
+    assert {k: measured[k] for k in trained if k.startswith("test_")} == {k: v for k, v in trained.items()
+                                                                            if k.startswith("test_")}
+    assert main(["eval", str(tmp_path / "run"), "--checkpoint", "best"]) == 2
+    assert "measures its last weights on the test split" in capsys.readouterr().err
+    assert main(["train", str(RECIPE), *TINY, "trainer.stop_after_steps=3", "--out", str(tmp_path / "half")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "half")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no result.json" in err and "--resume" in err, err
+
+
 def test_detector_stop_and_resume_is_bit_identical(tmp_path: Path) -> None:
     assert_resume_exact(RECIPE, TINY, tmp_path, stop_after=8)
 

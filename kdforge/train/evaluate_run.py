@@ -1,4 +1,4 @@
-"""Evaluate a finished classification run's checkpoint (what `kdforge eval` prints and search arms read)."""
+"""Evaluate a finished run's checkpoint (what `kdforge eval` prints and search arms read)."""
 
 from __future__ import annotations
 
@@ -15,24 +15,29 @@ __all__ = ["evaluate_run"]
 
 def evaluate_run(run_dir: str | Path, checkpoint: str = "last", split: str = "test",
                  overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """top-1 / top-5 / loss of `checkpoint` (last or best) of `run_dir` on `split` (test or val).
+    """top-1 / top-5 / loss of `checkpoint` (last or best) of `run_dir` on `split` (test or val);
+    for a task recipe run (detection: COCO AP ...), the task's own test metrics of its last weights.
 
-    One line when the run is a task recipe, has no validation split for `val`, or has no `best`
-    (best is only chosen on a validation split).
+    One line when the run has no validation split for `val`, or has no `best` (best is only
+    chosen on a validation split), or is an unfinished task recipe run.
     """
     from kdforge.config import load_config
     from kdforge.data.stream import fetch_images
     from kdforge.data.transforms import to_normalized
     from kdforge.train.build import build_distiller, load_data
     from kdforge.train.checkpoint import load_checkpoint
+    from kdforge.train.log import json_safe
     from kdforge.train.metrics import evaluate
-    from kdforge.train.stages import is_task_recipe
+    from kdforge.train.stages import evaluate_recipe_run, is_task_recipe
     from kdforge.train.trainer import resolve_device
 
     run_dir = Path(run_dir)
-    if is_task_recipe(run_dir / "config.yaml"):
-        raise KdforgeError(f"{run_dir} is a task recipe run; its metrics are in {run_dir / 'result.json'} "
-                           "(kdforge eval evaluates classification runs)")
+    if is_task_recipe(run_dir / "config.yaml"):        # detection, NCD, SSL, ...: the task's own metrics
+        if checkpoint != "last" or split != "test":
+            raise KdforgeError(f"{run_dir} is a task recipe run: kdforge eval measures its last weights on the "
+                               "test split (--checkpoint last --split test)")
+        return {"run": str(run_dir), "checkpoint": "last", "split": "test",
+                **json_safe(evaluate_recipe_run(run_dir, overrides))}
     cfg = load_config(run_dir / "config.yaml", list(overrides))
     if split == "val" and cfg.data.val_fraction <= 0:
         raise KdforgeError(f"{run_dir} has no validation split (data.val_fraction=0); use --split test")

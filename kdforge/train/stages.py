@@ -14,6 +14,7 @@ applies to every stage.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import json
 from collections.abc import Callable, Sequence
@@ -30,8 +31,8 @@ from kdforge.tasks.base import Task
 from kdforge.tasks.common import LoopConfig
 from kdforge.train.checkpoint import atomic_write_text, ensure_writable_dir, load_checkpoint
 
-__all__ = ["LoopConfig", "StageRun", "loop_settings", "parse_recipe", "recipe_tree", "run_recipe", "run_stage",
-           "shared_recipe", "stage_dir"]
+__all__ = ["LoopConfig", "StageRun", "evaluate_recipe_run", "loop_settings", "parse_recipe", "recipe_tree",
+           "run_recipe", "run_stage", "shared_recipe", "stage_dir"]
 
 
 def loop_settings(loop: LoopConfig, seed: int, trainer: TrainerConfig | None = None) -> RunConfig:
@@ -74,6 +75,10 @@ def run_stage(root: str | Path, name: str | None, settings: RunConfig, task: Tas
     dist_env_from_environment().barrier()     # every rank sees the same files before deciding
     run_dir = stage_dir(root, name)
     result_file = run_dir / "result.json"
+    evaluating = _EVALUATING.get()
+    if evaluating is not None and not result_file.is_file():
+        raise KdforgeError(f"{run_dir} is not finished (no result.json); finish it first: "
+                           f"kdforge train --resume {root}")
     if result_file.is_file():       # finished earlier: rebuild the module and load its weights
         import torch
 
@@ -84,7 +89,10 @@ def run_stage(root: str | Path, name: str | None, settings: RunConfig, task: Tas
         weights, _, _, task_state = load_checkpoint(run_dir / "checkpoints", "last", with_task=True)
         module.load_checkpoint_state(weights)
         task.load_state_dict(task_state)
-        return StageRun(module, json.loads(result_file.read_text()), run_dir, stopped=False)
+        result = json.loads(result_file.read_text())
+        if evaluating is not None and run_dir.resolve() == evaluating:      # `kdforge eval`: measure again
+            result = task.result(module, DistEnv())
+        return StageRun(module, result, run_dir, stopped=False)
     resume = (run_dir / "checkpoints" / "last.json").is_file()
     if not quiet and name is not None:
         print(f"== stage {name} -> {run_dir}" + (" (resumed)" if resume else ""), flush=True)
@@ -165,15 +173,13 @@ def parse_recipe(tree: dict[str, Any], source: str, schema: type) -> tuple[Any, 
     return load_task_config(schema, body, name=source), trainer, yaml.safe_dump(tree, sort_keys=False)
 
 
-def run_recipe(path: str | Path | dict[str, Any], overrides: Sequence[str] = (), out: str | Path | None = None,
-               resume: bool = False) -> dict[str, Any]:
-    """Run a task recipe into the run directory `out` (resuming it when `resume`)."""
+def _recipe_runner(tree: dict[str, Any], source: str) -> Callable[[dict[str, Any], str, Path], dict[str, Any]]:
+    """The registered method's `run_config` for a task recipe (one line for an unknown or non-task method)."""
     import importlib.util
 
     from kdforge.methods.catalog import list_methods
     from kdforge.registry import METHODS
 
-    tree, source = recipe_tree(path, overrides)
     name = tree.get("method")
     if not isinstance(name, str):
         raise ConfigError(f"{source}: a task recipe needs a top-level 'method: <id>' string")
@@ -184,6 +190,15 @@ def run_recipe(path: str | Path | dict[str, Any], overrides: Sequence[str] = (),
     runner = getattr(METHODS.get(name), "run_config", None)
     if runner is None:
         raise ConfigError(f"{source}: method '{name}' is not a task recipe method; its recipes are run configs")
+    return runner
+
+
+def run_recipe(path: str | Path | dict[str, Any], overrides: Sequence[str] = (), out: str | Path | None = None,
+               resume: bool = False) -> dict[str, Any]:
+    """Run a task recipe into the run directory `out` (resuming it when `resume`)."""
+    tree, source = recipe_tree(path, overrides)
+    runner = _recipe_runner(tree, source)
+    name = tree["method"]
     root = Path(out) if out is not None else Path("runs") / (Path(path).stem if not isinstance(path, dict) else name)
     from kdforge.train.distributed import dist_env_from_environment
 
@@ -207,6 +222,26 @@ def run_recipe(path: str | Path | dict[str, Any], overrides: Sequence[str] = (),
             if not existed:
                 root.rmdir()
         raise
+
+
+# the run directory `kdforge eval` re-measures; its stages are loaded, never trained
+_EVALUATING: contextvars.ContextVar[Path | None] = contextvars.ContextVar("kdforge_evaluating", default=None)
+
+
+def evaluate_recipe_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Re-measure a finished task recipe run: rebuild it from its config.yaml, load every stage's
+    final weights (nothing trains) and compute the task's result on the test split again."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "result.json").is_file():
+        raise KdforgeError(f"{run_dir} holds no finished run (no result.json); finish it first: "
+                           f"kdforge train --resume {run_dir}")
+    tree, source = recipe_tree(run_dir / "config.yaml", overrides)
+    runner = _recipe_runner(tree, source)
+    token = _EVALUATING.set(run_dir.resolve())
+    try:
+        return runner(tree, source, run_dir)
+    finally:
+        _EVALUATING.reset(token)
 
 
 def is_task_recipe(path: str | Path) -> bool:
