@@ -104,6 +104,10 @@ class TrainerConfig:
     threads: int | None = None
     sync_bn: bool = False        # distributed runs: batch-norm statistics over the global batch
     eval_train: bool = False     # also evaluate the final weights on the un-augmented training split
+    teacher_pipeline: bool | str = "auto"   # auto | on (true) | off (false): teacher runs batch k+1 during step k
+    teacher_threads: int | None = None   # CPU threads of each side while pipelined (default: threads // 2)
+    teacher_precision: str = "fp32"      # fp32 | bf16: the frozen teacher's forward (outputs stay float32)
+    teacher_channels_last: bool = False  # the frozen teacher's forward in channels_last memory format
 
 
 @dataclass

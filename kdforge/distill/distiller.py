@@ -10,6 +10,7 @@ Methods that need more than loss terms (several students, experts, EMA teachers.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -69,7 +70,21 @@ class Distiller(nn.Module):
 
     `setup` probes feature shapes with a tiny forward pass, builds connectors and loss state
     (CRD's memory bank) so that everything trainable exists before the optimizer is created.
+
+    `teacher_outputs_ahead`: the teachers' outputs for a batch depend on the batch alone (frozen
+    teachers), so the trainer may compute them ahead, overlapped with the student's step (the
+    teacher pipeline). A subclass that overrides `forward` or `after_optimizer_step` (EMA teachers,
+    role changes, mutual learning) is taken to depend on the student's state and gets False,
+    unless its own body says `teacher_outputs_ahead = True`.
     """
+
+    teacher_outputs_ahead: bool = True
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        overrides = {"forward", "after_optimizer_step", "_run_teacher"} & set(cls.__dict__)
+        if overrides and "teacher_outputs_ahead" not in cls.__dict__:
+            cls.teacher_outputs_ahead = False
 
     def __init__(self, student: nn.Module, teachers: nn.Module | dict[str, nn.Module] | None,
                  terms: list[Term]) -> None:
@@ -133,13 +148,45 @@ class Distiller(nn.Module):
                 raise KdforgeError(f"teacher '{tid}' predicts {t_logits.shape[1]} classes but the student "
                                    f"predicts {s_logits.shape[1]}; they must share the label space")
 
+    def set_teacher_execution(self, dtype: torch.dtype | None = None, channels_last: bool = False) -> None:
+        """Run the frozen teachers' forward in `dtype` (autocast; outputs handed out as float32) and/or
+        channels_last memory format: a faster teacher forward on hardware that has it (bf16 on CPUs
+        with AVX512-BF16 / AMX, channels_last for convolutions). Training state is unaffected."""
+        self.teacher_dtype, self.teacher_channels_last = dtype, channels_last
+        if channels_last:
+            for teacher in self.teachers.values():
+                teacher.to(memory_format=torch.channels_last)
+
+    teacher_dtype: torch.dtype | None = None
+    teacher_channels_last: bool = False
+
     def _run_teacher(self, tid: str, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         tap = self._teacher_taps[tid]
         tap.clear()
-        with torch.inference_mode():
+        if self.teacher_channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        precision = (torch.autocast(images.device.type, dtype=self.teacher_dtype) if self.teacher_dtype
+                     else contextlib.nullcontext())
+        with torch.inference_mode(), precision:
             logits = self.teachers[tid](images)
+        feats = tap.features
+        if self.teacher_dtype is not None:      # the terms see float32 whatever the teacher ran in
+            logits, feats = logits.float(), {k: v.float() for k, v in feats.items()}
         # inference tensors cannot be saved for the student's backward: hand out normal copies
-        return logits.clone(), {k: v.clone() for k, v in tap.features.items()}
+        return logits.clone(), {k: v.clone() for k, v in feats.items()}
+
+    def needed_teachers(self) -> list[str]:
+        """Ids of the teachers some term reads (the ones an online step must run)."""
+        return sorted({term.teacher_id for term in self.terms if term.needs_teacher})
+
+    def teacher_outputs(self, images: Tensor) -> dict[str, dict[str, Tensor]]:
+        """Every needed teacher's outputs for `images` ({id: {"logits": ..., tap: ...}}), the form
+        `Batch.teacher_outputs` takes (the teacher-output cache and the teacher pipeline fill it)."""
+        out = {}
+        for tid in self.needed_teachers():
+            logits, feats = self._run_teacher(tid, images)
+            out[tid] = {LOGITS: logits, **feats}
+        return out
 
     # -- training interface ----------------------------------------------------------------
 

@@ -43,6 +43,7 @@ from kdforge.train.checkpoint import (
 from kdforge.train.distributed import DistEnv, device_for, dist_env_from_environment
 from kdforge.train.log import MetricsLog, TensorBoard, json_safe, progress
 from kdforge.train.optim import build_optimizer, lr_factor, set_lr, wants_loss_groups
+from kdforge.train.teacher_pipeline import TeacherPipeline, pipeline_plan
 
 
 class Interrupted(KdforgeError):
@@ -55,6 +56,28 @@ class Interrupted(KdforgeError):
 
 class NonFiniteLoss(KdforgeError):
     """A loss became NaN/inf: training stops before a non-finite step reaches a checkpoint."""
+
+
+@contextlib.contextmanager
+def _threads(count: int | None) -> Any:
+    """CPU intra-op threads for the duration (each side of the teacher pipeline), restored after."""
+    if count is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def teacher_dtype(name: str) -> torch.dtype | None:
+    """`trainer.teacher_precision` -> the teacher forward's autocast dtype (None: float32)."""
+    dtypes = {"fp32": None, "bf16": torch.bfloat16}
+    if name not in dtypes:
+        raise KdforgeError(f"trainer.teacher_precision must be fp32 or bf16, got {name!r}")
+    return dtypes[name]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -130,6 +153,7 @@ class Trainer:
             ensure_writable_dir(self.run_dir, "run directory")
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
+        self._full_threads = torch.get_num_threads()
         self.device = resolve_device(device_for(self.env, cfg.trainer.device))
         if task is None:
             from kdforge.tasks.classification import ClassificationTask
@@ -141,6 +165,9 @@ class Trainer:
         torch.manual_seed(cfg.trainer.seed)
         self.module = task.build(self.device, self.env)
         self.distiller = self.module            # the name classification code and benchmarks know
+        if hasattr(self.module, "set_teacher_execution"):
+            self.module.set_teacher_execution(teacher_dtype(cfg.trainer.teacher_precision),
+                                              cfg.trainer.teacher_channels_last)
         self.steps_per_epoch = task.steps_per_epoch()
         self._build_optimizer()
         if self.grouped and cfg.trainer.grad_clip:
@@ -149,6 +176,12 @@ class Trainer:
         use_scaler = self.amp == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler) if use_scaler else None
         self.forward_fn: Callable[[Any], Step] = self._wrap_distributed()
+        pipelined, line, self._pipeline_threads = pipeline_plan(
+            self.module, task, cfg.trainer.teacher_pipeline, self.device, cfg.trainer.threads,
+            cfg.trainer.teacher_threads)
+        if line and not self.quiet:
+            print(line, flush=True)
+        self.pipeline = TeacherPipeline(self.module, self.device, self._autocast) if pipelined else None
         if cfg.trainer.compile:
             self.forward_fn = torch.compile(self.forward_fn)
         self.epoch = 0
@@ -325,7 +358,16 @@ class Trainer:
         bar = progress(self.steps_per_epoch, f"epoch {epoch + 1}/{cfg.trainer.epochs}",
                        cfg.trainer.progress and not self.quiet, initial=self.step_in_epoch)
         t0 = time.time()
-        for batch in task.batches(epoch, self.step_in_epoch, self.env):
+        batches = task.batches(epoch, self.step_in_epoch, self.env)
+        if self.pipeline is not None:
+            batches = self.pipeline.batches(batches)
+        with _threads(self._pipeline_threads):
+            return self._run_batches(tb, batches, sums, counts, elapsed, t0, bar)
+
+    def _run_batches(self, tb: TensorBoard, batches: Any, sums: dict[str, Tensor], counts: dict[str, Tensor],
+                     elapsed: float, t0: float, bar: Any) -> str:
+        cfg, task = self.cfg, self.task
+        for batch in batches:
             out, total = self.train_step(batch)
             self._bad_step = torch.where((self._bad_step < 0) & ~torch.isfinite(total),
                                          self._bad_step.new_full((), self.step), self._bad_step)
@@ -366,6 +408,11 @@ class Trainer:
 
     def _end_epoch(self, tb: TensorBoard, sums: dict[str, Tensor], counts: dict[str, Tensor],
                    epoch_time: float) -> None:
+        with _threads(self._full_threads if self._pipeline_threads else None):    # evaluation: every thread
+            self._close_epoch(tb, sums, counts, epoch_time)
+
+    def _close_epoch(self, tb: TensorBoard, sums: dict[str, Tensor], counts: dict[str, Tensor],
+                     epoch_time: float) -> None:
         cfg, epoch, task = self.cfg, self.epoch, self.task
         steps_done = max(1, self.steps_per_epoch) * self.env.world
         names, cnames = list(sums), list(counts)
