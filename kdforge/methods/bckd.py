@@ -36,7 +36,7 @@ from kdforge.registry import METHODS
 from kdforge.tasks.common import LoopConfig
 from kdforge.tasks.detection.fcos import FCOS, dense_predictions, fcos_loss
 from kdforge.tasks.detection.task import DetectorModule
-from kdforge.train.stages import loop_settings, parse_recipe, run_stage, shared_recipe
+from kdforge.train.stages import loop_settings, parse_recipe, reuse_stage, run_stage
 
 __all__ = ["BCKDArgs", "BCKDModule", "BCKDRecipe", "run_bckd"]
 
@@ -151,11 +151,8 @@ def run_bckd(cfg: BCKDRecipe, run_dir: str | Path, trainer: Any = None, config_t
     if cfg.teacher_only:
         return run_stage(run_dir, None, t_settings, teacher_task(), config_text).result
     if cfg.teacher.run:
-        if not (Path(cfg.teacher.run) / "result.json").is_file():
-            raise ConfigError(f"bckd recipe: teacher.run {cfg.teacher.run} holds no finished run; train it first "
-                              "(teacher_only=true)")
-        shared_recipe(cfg.teacher.run, BCKDRecipe, cfg, _teacher_identity, "bckd", "teacher.run")
-        stage = run_stage(cfg.teacher.run, None, t_settings, teacher_task(), "", quiet=True)
+        stage = reuse_stage(cfg.teacher.run, BCKDRecipe, cfg, _teacher_identity, "bckd", "teacher.run", t_settings,
+                            teacher_task(), "teacher_only=true")
     else:
         stage = run_stage(run_dir, "teacher", t_settings, teacher_task(), config_text)
         if stage.stopped:

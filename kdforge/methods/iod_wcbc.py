@@ -60,7 +60,7 @@ from kdforge.tasks.common import LoopConfig
 from kdforge.tasks.detection.boxes import box_iou
 from kdforge.tasks.detection.coco import CocoData
 from kdforge.tasks.detection.task import DetectionData, DetectionTask, DetectorModule
-from kdforge.train.stages import loop_settings, parse_recipe, run_stage, shared_recipe
+from kdforge.train.stages import loop_settings, parse_recipe, reuse_stage, run_stage
 
 __all__ = ["IODArgs", "IODModule", "IODRecipe", "IncrementalDetectionTask", "grow_classes", "pseudo_objects",
            "run_iod_wcbc"]
@@ -356,11 +356,8 @@ def run_iod_wcbc(cfg: IODRecipe, run_dir: str | Path, trainer: Any = None, confi
     if cfg.old_only:
         return run_stage(run_dir, None, o_settings, old_task(), config_text).result
     if cfg.old.run:
-        if not (Path(cfg.old.run) / "result.json").is_file():
-            raise ConfigError(f"iod_wcbc recipe: old.run {cfg.old.run} holds no finished run; train it first "
-                              "(old_only=true)")
-        shared_recipe(cfg.old.run, IODRecipe, cfg, _old_identity, "iod_wcbc", "old.run")
-        stage = run_stage(cfg.old.run, None, o_settings, old_task(), "", quiet=True)
+        stage = reuse_stage(cfg.old.run, IODRecipe, cfg, _old_identity, "iod_wcbc", "old.run", o_settings,
+                            old_task(), "old_only=true")
     else:
         stage = run_stage(run_dir, "old", o_settings, old_task(), config_text)
         if stage.stopped:

@@ -70,7 +70,7 @@ from kdforge.tasks.multilabel import (
     labelwise_net,
     procedural_multilabel,
 )
-from kdforge.train.stages import StageRun, loop_settings, parse_recipe, run_stage, shared_recipe
+from kdforge.train.stages import StageRun, loop_settings, parse_recipe, reuse_stage, run_stage
 
 __all__ = ["L2D", "L2DArgs", "L2DConfig", "build_multilabel", "l2d_terms", "load_teacher", "run_l2d",
            "train_teacher", "validation_split"]
@@ -224,13 +224,9 @@ def load_teacher(cfg: L2DConfig, path: str | Path) -> nn.Module:
     Fails in one line when the run is unfinished or was trained on other data or another teacher
     architecture than `cfg` describes.
     """
-    path = Path(path)
-    if not (path / "result.json").is_file():
-        raise ConfigError(f"l2d recipe: teacher_run {path} holds no finished run (no result.json); train it "
-                          "with teacher_only=true (or resume it) first")
-    shared_recipe(path, L2DConfig, cfg, _teacher_sections, "l2d")
-    settings = loop_settings(cfg.teacher_train, cfg.teacher_seed)
-    stage = run_stage(path, None, settings, _teacher_task(cfg), "", quiet=True)
+    stage = reuse_stage(path, L2DConfig, cfg, _teacher_sections, "l2d", "teacher_run",
+                        loop_settings(cfg.teacher_train, cfg.teacher_seed), _teacher_task(cfg),
+                        "teacher_only=true, or resume it")
     return stage.module.eval_model()
 
 

@@ -32,7 +32,7 @@ from kdforge.tasks.common import LoopConfig
 from kdforge.train.checkpoint import atomic_write_text, ensure_writable_dir, load_checkpoint
 
 __all__ = ["LoopConfig", "StageRun", "evaluate_recipe_run", "loop_settings", "parse_recipe", "recipe_tree",
-           "run_recipe", "run_stage", "shared_recipe", "stage_dir"]
+           "reuse_stage", "run_recipe", "run_stage", "shared_recipe", "stage_dir"]
 
 
 def loop_settings(loop: LoopConfig, seed: int, trainer: TrainerConfig | None = None) -> RunConfig:
@@ -125,6 +125,19 @@ def shared_recipe(run_dir: str | Path, schema: type, mine: Any, identity: Callab
         raise ConfigError(f"{method} recipe: {what} {run_dir} was trained with other settings "
                           f"({', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}) than this recipe")
     return theirs
+
+
+def reuse_stage(run_dir: str | Path, schema: type, mine: Any, identity: Callable[[Any], dict[str, Any]],
+                method: str, what: str, settings: RunConfig, task: Task, hint: str) -> StageRun:
+    """A finished run another recipe reuses (a shared teacher or old model), loaded, never trained.
+
+    One line when it is unfinished (`hint` says how to train it) or was trained with other
+    settings than `mine` (see `shared_recipe`). Returns the loaded stage and its result."""
+    if not (Path(run_dir) / "result.json").is_file():
+        raise ConfigError(f"{method} recipe: {what} {run_dir} holds no finished run (no result.json); train it "
+                          f"first ({hint})")
+    shared_recipe(run_dir, schema, mine, identity, method, what)
+    return run_stage(run_dir, None, settings, task, "", quiet=True)
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
