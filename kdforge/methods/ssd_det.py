@@ -177,18 +177,8 @@ class SSDRefiner(nn.Module):
 
     def _pool(self, feat: Tensor, boxes: Tensor, image: Tensor) -> Tensor:
         """(R, width * roi^2) RoIAlign features of flat boxes (R, 4) of images `image` (R,)."""
-        # one roi_align call per image: its in-place per-image writes make backward copy the whole
-        # output once per image, quadratic in the batch when called on all images at once
-        out = feat.new_zeros(len(boxes), feat.shape[1] * self.args.roi_size ** 2)
-        parts = []
-        for b in image.unique().tolist():
-            sel = (image == b).nonzero()[:, 0]
-            rois = torch.cat([torch.zeros(len(sel), 1, dtype=boxes.dtype, device=boxes.device), boxes[sel]], 1)
-            parts.append((sel, roi_align(feat[b:b + 1], rois, self.args.roi_size, 1.0 / self.stride,
-                                         self.args.sampling_ratio).flatten(1)))
-        if len(parts) == 1:
-            return parts[0][1]
-        return out.index_copy(0, torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        rois = torch.cat([image[:, None].to(boxes.dtype), boxes], 1)
+        return roi_align(feat, rois, self.args.roi_size, 1.0 / self.stride, self.args.sampling_ratio).flatten(1)
 
     def _bag(self, trunk: nn.Module, feat: Tensor, bags: Tensor, image: Tensor, pooled: Tensor | None = None) -> Tensor:
         """(G, P, fc_dim) trunk features of (G, P, 4) bags (`pooled`: their RoIAlign features, if computed)."""

@@ -56,10 +56,14 @@ def roi_align(features: Tensor, rois: Tensor, output_size: int | tuple[int, int]
     gy = (2 * py + 1) / H - 1
     grid = torch.stack([gx[:, None, :].expand(-1, out_h * s, -1), gy[:, :, None].expand(-1, -1, out_w * s)], -1)
     image = rois[:, 0].long()
+    rows, pooled = [], []
     for b in image.unique().tolist():
         sel = (image == b).nonzero()[:, 0]
         g = grid[sel].reshape(1, -1, out_w * s, 2)                        # (1, R_b * out_h * s, out_w * s, 2)
         v = F.grid_sample(features[b:b + 1], g, mode="bilinear", padding_mode="border", align_corners=False)
         v = v.reshape(C, len(sel), out_h * s, out_w * s).permute(1, 0, 2, 3) * inside[sel][:, None]
-        out[sel] = v.reshape(len(sel), C, out_h, s, out_w, s).mean(dim=(3, 5))
-    return out
+        rows.append(sel)
+        pooled.append(v.reshape(len(sel), C, out_h, s, out_w, s).mean(dim=(3, 5)))
+    # one scatter of every image's rows: per-image in-place writes would make backward copy the whole
+    # output once per image (quadratic in the batch)
+    return out.index_copy(0, torch.cat(rows), torch.cat(pooled))
