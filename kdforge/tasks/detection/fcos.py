@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from kdforge.errors import KdforgeError
 from kdforge.models.taps import FeatureTap
 from kdforge.tasks.detection.boxes import batched_nms
+from kdforge.tasks.detection.fpn import tap_shapes, top_down
 
 __all__ = ["FCOS", "build_fcos", "decode", "dense_predictions", "fcos_loss", "fcos_targets", "giou_loss", "locations",
            "sigmoid_focal_loss"]
@@ -37,12 +38,7 @@ class FCOS(nn.Module):
         if not taps:
             raise KdforgeError("FCOS: name at least one backbone tap (e.g. feat2, feat3)")
         self.backbone, self.taps, self.num_classes = backbone, list(taps), num_classes
-        with torch.no_grad(), FeatureTap(backbone, self.taps) as tap:
-            was = backbone.training
-            backbone.eval()
-            backbone(torch.zeros(1, in_channels, probe_size, probe_size))
-            shapes = [tap.features[t].shape for t in self.taps]
-            backbone.train(was)
+        shapes = tap_shapes(backbone, self.taps, probe_size, in_channels)
         self.strides = [probe_size // s[-1] for s in shapes]
         self.lateral = nn.ModuleList(nn.Conv2d(s[1], width, 1) for s in shapes)
         layers: list[nn.Module] = []
@@ -60,9 +56,7 @@ class FCOS(nn.Module):
         self._tap.clear()
         self.backbone(images)
         feats = [self._tap.features[t] for t in self.taps]
-        lat = [conv(f) for conv, f in zip(self.lateral, feats)]
-        for i in range(len(lat) - 2, -1, -1):          # top-down pathway
-            lat[i] = lat[i] + F.interpolate(lat[i + 1], size=lat[i].shape[-2:], mode="nearest")
+        lat = top_down([conv(f) for conv, f in zip(self.lateral, feats)])
         out: dict[str, list[Tensor]] = {"cls": [], "box": [], "ctr": []}
         for x in lat:
             h = self.tower(x)

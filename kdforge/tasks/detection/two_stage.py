@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from kdforge.errors import KdforgeError
 from kdforge.models.taps import FeatureTap
 from kdforge.tasks.detection.boxes import batched_nms, box_iou, nms
+from kdforge.tasks.detection.fpn import tap_shapes, top_down
 from kdforge.tasks.detection.roi import roi_align, rois_from_list
 
 __all__ = ["STDS", "TwoStageDetector", "anchors", "build_two_stage", "decode_deltas", "encode", "match_labels",
@@ -146,12 +147,7 @@ class TwoStageDetector(nn.Module):
             raise KdforgeError("two_stage: pre_nms, post_nms, rpn_batch, roi_batch, pool, fc must be >= 1 and "
                                "roi_pos_fraction in (0, 1]")
         self.backbone, self.taps, self.num_classes = backbone, list(taps), num_classes
-        with torch.no_grad(), FeatureTap(backbone, self.taps) as tap:
-            was = backbone.training
-            backbone.eval()
-            backbone(torch.zeros(1, in_channels, size, size))
-            shapes = [tap.features[t].shape for t in self.taps]
-            backbone.train(was)
+        shapes = tap_shapes(backbone, self.taps, size, in_channels)
         self.strides = [size // s[-1] for s in shapes]
         self.size, self.width = size, width
         self.sizes, self.ratios = list(anchor_scales), list(aspect_ratios)
@@ -182,9 +178,7 @@ class TwoStageDetector(nn.Module):
         """FPN maps, finest level first."""
         self._tap.clear()
         self.backbone(images)
-        lat = [conv(self._tap.features[t]) for conv, t in zip(self.lateral, self.taps)]
-        for i in range(len(lat) - 2, -1, -1):
-            lat[i] = lat[i] + F.interpolate(lat[i + 1], size=lat[i].shape[-2:], mode="nearest")
+        lat = top_down([conv(self._tap.features[t]) for conv, t in zip(self.lateral, self.taps)])
         return [conv(x) for conv, x in zip(self.smooth, lat)]
 
     def level_anchors(self, feats: list[Tensor]) -> list[Tensor]:
