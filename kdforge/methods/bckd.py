@@ -96,11 +96,6 @@ class BCKDModule(DetectorModule):
         self.args = args
         self.teachers = torch.nn.ModuleDict({"teacher": teacher.eval().requires_grad_(False)})
 
-    def train(self, mode: bool = True) -> BCKDModule:
-        super().train(mode)
-        self.teachers.eval()
-        return self
-
     def forward(self, batch: Any) -> Step:
         args = self.args
         out = self.student(batch.images)

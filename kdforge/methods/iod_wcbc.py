@@ -228,11 +228,6 @@ class IODModule(DetectorModule):
         self.args = args
         self.teachers = torch.nn.ModuleDict({"old": teacher.eval().requires_grad_(False)})
 
-    def train(self, mode: bool = True) -> IODModule:
-        super().train(mode)
-        self.teachers.eval()
-        return self
-
     def forward(self, batch: Any) -> Step:
         a = self.args
         out = self.student(batch.images)

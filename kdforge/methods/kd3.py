@@ -330,11 +330,6 @@ class KD3Module(TaskModule):
         self.teachers = nn.ModuleDict({"teacher": teacher.eval().requires_grad_(False)})
         self.args, self.env = args, env
 
-    def train(self, mode: bool = True) -> KD3Module:
-        super().train(mode)
-        self.teachers.eval()      # the teacher's BatchNorm statistics stay fixed
-        return self
-
     def eval_model(self) -> nn.Module:
         return self.student
 

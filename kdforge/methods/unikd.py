@@ -379,11 +379,6 @@ class AKEModule(TaskModule):
         self.teachers = nn.ModuleDict({"teacher": teacher.eval().requires_grad_(False)})
         self._neck = neck_of(teacher)
 
-    def train(self, mode: bool = True) -> AKEModule:
-        super().train(mode)
-        self.teachers.eval()
-        return self
-
     def eval_model(self) -> nn.Module:
         return AKEDetector(self.teachers["teacher"], self.ake, self.size)
 
@@ -421,11 +416,6 @@ class UniKDModule(DetectorModule):
         elif args.mode == "feat_mse":
             self.adapters = nn.ModuleList(nn.Conv2d(s[0], t[0], 1) for s, t in zip(s_shapes, t_shapes))
         self._s_neck, self._t_neck = neck_of(student), neck_of(teacher)
-
-    def train(self, mode: bool = True) -> UniKDModule:
-        super().train(mode)
-        self.teachers.eval()
-        return self
 
     def on_epoch_start(self, epoch: int) -> None:
         self.epoch = epoch                 # the view epoch of the store's keys

@@ -133,11 +133,20 @@ class TaskModule(nn.Module):
     """Training module of a task that needs more than a `Distiller`: the Trainer's interface, with defaults.
 
     Frozen parts (teachers, snapshots) live under attribute names in `frozen` (default
-    `teachers`): they are never trained and never written into checkpoints. Subclasses implement
-    `forward(batch) -> Step` and may override the hooks.
+    `teachers`): they are never trained, never written into checkpoints and stay in eval mode
+    (their batch-norm statistics stay fixed) whatever mode the module is put in. Subclasses
+    implement `forward(batch) -> Step` and may override the hooks.
     """
 
     frozen: tuple[str, ...] = ("teachers",)
+
+    def train(self, mode: bool = True) -> TaskModule:
+        super().train(mode)
+        for name in self.frozen:
+            part = getattr(self, name, None)
+            if isinstance(part, nn.Module):
+                part.eval()
+        return self
 
     def _is_frozen(self, key: str) -> bool:
         return any(key == f or key.startswith(f + ".") for f in self.frozen)

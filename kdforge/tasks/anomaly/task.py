@@ -53,11 +53,6 @@ class RDModule(TaskModule):
         self.teachers = nn.ModuleDict({"teacher": teacher})
         self.student = nn.ModuleDict({"bottleneck": bottleneck, "decoder": decoder})
 
-    def train(self, mode: bool = True) -> RDModule:
-        super().train(mode)
-        self.teachers.eval()
-        return self
-
     def features(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """(teacher features, student reconstructions), finest scale first."""
         t = self.teachers["teacher"](x)

@@ -92,11 +92,6 @@ class DiscoveryModule(TaskModule):
         teacher.normalize_prototypes()
         self.teachers = nn.ModuleDict({"teacher": teacher})
 
-    def train(self, mode: bool = True) -> DiscoveryModule:
-        super().train(mode)
-        self.teachers.eval()     # the snapshot's BatchNorm statistics stay frozen
-        return self
-
     def forward(self, batch: NCDBatch) -> Step:
         spec, net = self.spec, self.student
         net.normalize_prototypes()

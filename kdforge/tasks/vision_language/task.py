@@ -73,11 +73,6 @@ class ClipModule(TaskModule):
         if not clip_weight and not distill_weight:
             raise KdforgeError("ClipModule: clip_weight and distill_weight are both 0 (nothing to train)")
 
-    def train(self, mode: bool = True) -> ClipModule:
-        super().train(mode)
-        self.teachers.eval()
-        return self
-
     def eval_model(self) -> nn.Module:
         return self.student
 
