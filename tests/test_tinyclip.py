@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kdforge.cli import main
-from kdforge.losses.tinyclip import affinity_mimicking_loss
+from kdforge.losses import affinity_mimicking_loss  # the public name the issue asks for
 from kdforge.methods.clip import load_or_build, save_model
 from kdforge.tasks.vision_language.data import make_pairs
 from kdforge.tasks.vision_language.inherit import inherit_weights, layer_map

@@ -12,16 +12,21 @@ from kdforge.losses.ce import CELoss, ce_loss, soft_ce_loss
 from kdforge.losses.crd import CRDLoss, crd_nce_loss, sample_negatives
 from kdforge.losses.dkd import DKDLoss, dkd_loss, dkd_parts
 from kdforge.losses.fitnet import FitNetLoss, fitnet_loss
+from kdforge.losses.iod_wcbc import distance_matrix_kd, semantic_guided_feature_kd
 from kdforge.losses.kd import KDLoss, kd_loss
 from kdforge.losses.l2d import L2DLEDLoss, L2DMLDLoss, l2d_led_loss, l2d_mld_loss
+from kdforge.losses.memkd import memorisation_loss, orthogonality_loss
 from kdforge.losses.pkt import PKTLoss, pkt_loss
 from kdforge.losses.rkd import RKDLoss, rkd_loss
 from kdforge.losses.sp import SPLoss, similarity_matrix, sp_loss
+from kdforge.losses.tinyclip import affinity_mimicking_loss, clip_contrastive_loss
 
 __all__ = [
     "bckd_cls_loss",
     "bckd_loc_loss",
     "bckd_location_weights",
+    "affinity_mimicking_loss", "clip_contrastive_loss", "distance_matrix_kd", "memorisation_loss",
+    "orthogonality_loss", "semantic_guided_feature_kd",
     "ATLoss", "CELoss", "CRDLoss", "DKDLoss", "DistillLoss", "Features", "FitNetLoss", "KDLoss",
     "L2DLEDLoss", "L2DMLDLoss", "l2d_led_loss", "l2d_mld_loss",
     "LossContext", "PKTLoss", "RKDLoss", "SPLoss", "Shape", "at_loss", "attention_map", "ce_loss",
