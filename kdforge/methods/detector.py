@@ -173,5 +173,7 @@ class Detector:
         return run_detector(cfg, run_dir, trainer, text)
 
 
-METHODS.register("detector", Detector, family="detection", paper="FCOS-style dense detector (no distillation)",
-                 summary="train a detector on procedural scenes; COCO AP via pycocotools", task="detection")
+METHODS.register("detector", Detector, family="detection",
+                 paper="object detector without distillation (model.kind: fcos | two_stage | query)",
+                 summary="train a detector on procedural scenes or COCO data; COCO AP via pycocotools",
+                 task="detection")
