@@ -108,7 +108,8 @@ def test_student_dependent_teachers_keep_the_sequential_path() -> None:
         assert not method.teacher_outputs_ahead, method
     module = _EMATeacher(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), [])
     cpu = torch.device("cpu")
-    on, line, _ = pipeline_plan(module, None, "auto", cpu, 2, None)
+    assert pipeline_plan(module, None, "auto", cpu, 2, None) == (False, None, None)    # CPU: never under auto
+    on, line, _ = pipeline_plan(module, None, "auto", torch.device("cuda"), 2, None)
     assert not on and line.startswith("teacher pipeline off: _EMATeacher runs its teacher itself")
     with pytest.raises(ConfigError, match="teacher_pipeline=on: _EMATeacher runs its teacher itself"):
         pipeline_plan(module, None, "on", cpu, 2, None)
@@ -117,16 +118,17 @@ def test_student_dependent_teachers_keep_the_sequential_path() -> None:
 def test_the_plan_overlaps_only_where_it_can_and_rejects_bad_settings(tmp_path: Path, data) -> None:
     module = _trainer(tmp_path / "r", data, "trainer.teacher_pipeline=off").module
     cpu = torch.device("cpu")
-    assert pipeline_plan(module, None, "auto", cpu, 2, None) == (True, None, 1)
-    assert pipeline_plan(module, None, "auto", cpu, 8, None) == (True, None, 4)
-    assert pipeline_plan(module, None, "auto", cpu, 4, 1) == (True, None, 1)
-    assert pipeline_plan(module, None, "auto", cpu, 1, None)[0] is False      # one thread: nothing to overlap
+    assert pipeline_plan(module, None, "auto", cpu, 2, None)[0] is False      # CPU: measured slower (step_time)
+    assert pipeline_plan(module, None, "auto", torch.device("cuda"), 2, None) == (True, None, None)   # a stream
+    assert pipeline_plan(module, None, "on", cpu, 2, None) == (True, None, 1)
+    assert pipeline_plan(module, None, "on", cpu, 8, None) == (True, None, 4)
+    assert pipeline_plan(module, None, "on", cpu, 4, 1) == (True, None, 1)
     assert pipeline_plan(module, None, "on", cpu, 1, None) == (True, None, 1)
     assert pipeline_plan(module, None, "off", cpu, 2, None)[0] is False
 
     class Cached:
         cache = object()
-    assert pipeline_plan(module, Cached(), "auto", cpu, 2, None)[0] is False   # the cache serves the outputs
+    assert pipeline_plan(module, Cached(), "on", cpu, 2, None)[0] is False     # the cache serves the outputs
     no_teacher = Distiller(torch.nn.Linear(2, 2), None, [])
     assert pipeline_plan(no_teacher, None, "on", cpu, 2, None)[0] is False
     with pytest.raises(ConfigError, match="teacher_pipeline must be one of auto, on, off"):

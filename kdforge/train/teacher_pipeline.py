@@ -8,9 +8,11 @@ backward and optimizer step; the outputs arrive in `Batch.teacher_outputs`, exac
 teacher-output cache puts them, so the Distiller skips its own teacher forward. The result is
 the same computation in another order: same losses, same weights (tests/test_teacher_pipeline.py).
 
-CPU: PyTorch's intra-op thread count is process-wide, so while pipelined both sides run with
-`trainer.teacher_threads` threads each (default half of `trainer.threads` or of the cores):
-2 threads = 1 teacher + 1 student, running at the same time. CUDA: the teacher runs on a
+CPU (`trainer.teacher_pipeline: on`): PyTorch's intra-op thread count is process-wide, so while
+pipelined both sides run with `trainer.teacher_threads` threads each (default half of
+`trainer.threads` or of the cores): 2 threads = 1 teacher + 1 student, running at the same time.
+`auto` does not pipeline on CPU: on the 2-core machine that split measured 1.18x the sequential
+reference step (results/step_time.md), so the cache is the CPU answer to the teacher's cost. CUDA: the teacher runs on a
 second stream of the same device (the worker waits for the batch's event on the main stream,
 the main stream waits for the outputs' event), so its kernels can overlap the student's.
 
@@ -42,15 +44,19 @@ def pipeline_plan(module: nn.Module, task: Any, mode: str | bool, device: torch.
                   teacher_threads: int | None) -> tuple[bool, str | None, int | None]:
     """(pipelined?, a line to log or None, per-side CPU threads) for this run.
 
-    `auto` pipelines online KD wherever it is exact and can overlap (CUDA, or >= 2 CPU threads);
-    `on` pipelines wherever exact (even on one thread) and refuses where it is not; `off` never.
+    `auto` pipelines online KD on CUDA wherever it is exact; on CPU it keeps the sequential step,
+    because PyTorch's intra-op threads scale well enough that one teacher thread + one student
+    thread measured slower than both threads in sequence (results/step_time.md: 1.18x on 2
+    cores); `on` pipelines wherever exact (CPU included) and refuses where it is not; `off` never.
     """
     mode = {True: "on", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode    # YAML: on/off
     if mode not in MODES:
         raise ConfigError(f"trainer.teacher_pipeline must be one of {', '.join(MODES)}, got {mode!r}")
     if teacher_threads is not None and teacher_threads < 1:
         raise ConfigError(f"trainer.teacher_threads must be >= 1, got {teacher_threads}")
-    if mode == "off" or not hasattr(module, "teacher_outputs") or len(module.teachers) == 0:
+    if mode == "off" or (mode == "auto" and device.type == "cpu"):
+        return False, None, None               # CPU: measured slower than the sequential step (docstring)
+    if not hasattr(module, "teacher_outputs") or len(module.teachers) == 0:
         return False, None, None               # no online teacher: nothing to overlap
     if getattr(task, "cache", None) is not None:
         return False, None, None               # the teacher-output cache already serves the outputs
@@ -65,10 +71,7 @@ def pipeline_plan(module: nn.Module, task: Any, mode: str | bool, device: torch.
     if device.type != "cpu":
         return True, None, None
     total = threads or torch.get_num_threads() or os.cpu_count() or 1
-    per_side = teacher_threads or max(1, total // 2)
-    if mode == "auto" and total < 2:
-        return False, None, None               # one thread: nothing to overlap with
-    return True, None, per_side
+    return True, None, teacher_threads or max(1, total // 2)
 
 
 class TeacherPipeline:
