@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from recipe_checks import assert_resume_exact
+from recipe_checks import assert_resume_exact, train_cli
 
 from kdforge.cli import main
 
@@ -54,3 +54,15 @@ def test_bad_detector_recipes_fail_in_one_line(tmp_path: Path, capsys) -> None:
         assert main(["train", str(RECIPE), *TINY, override, "--out", str(tmp_path / override)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_detector_trains_under_torchrun_with_the_global_batch_split(tmp_path: Path) -> None:
+    """Two gloo ranks: each takes half of every global batch (same step count as one process), the
+    result is written once. Not bit-equal to one process: FCOS normalises by each rank's positives."""
+    one = train_cli(RECIPE, tmp_path / "one", 1, TINY)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = train_cli(RECIPE, tmp_path / "two", 2, TINY)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count('"test_AP"') == 1
+    r1, r2 = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("one", "two"))
+    assert r1["steps"] == r2["steps"] == 12 and 0.0 <= r2["test_AP"] <= 100.0

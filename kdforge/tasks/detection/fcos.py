@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from kdforge.errors import KdforgeError
 from kdforge.models.taps import FeatureTap
 from kdforge.tasks.detection.boxes import batched_nms
-from kdforge.tasks.detection.fpn import tap_shapes, top_down
+from kdforge.tasks.detection.fpn import freeze_unused, tap_shapes, top_down
 
 __all__ = ["FCOS", "build_fcos", "decode", "dense_predictions", "fcos_loss", "fcos_targets", "giou_loss", "locations",
            "sigmoid_focal_loss"]
@@ -39,6 +39,7 @@ class FCOS(nn.Module):
             raise KdforgeError("FCOS: name at least one backbone tap (e.g. feat2, feat3)")
         self.backbone, self.taps, self.num_classes = backbone, list(taps), num_classes
         shapes = tap_shapes(backbone, self.taps, probe_size, in_channels)
+        freeze_unused(backbone, self.taps, probe_size, in_channels)      # e.g. its classifier head (DDP)
         self.strides = [probe_size // s[-1] for s in shapes]
         self.lateral = nn.ModuleList(nn.Conv2d(s[1], width, 1) for s in shapes)
         layers: list[nn.Module] = []

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.models.taps import FeatureTap
 from kdforge.tasks.detection.boxes import batched_nms
-from kdforge.tasks.detection.fpn import tap_shapes
+from kdforge.tasks.detection.fpn import freeze_unused, tap_shapes
 
 __all__ = ["QueryDetector", "build_query", "cxcywh_to_xyxy", "hungarian_match", "match_cost", "match_queries",
            "pairwise_giou", "set_loss", "xyxy_to_cxcywh"]
@@ -183,6 +183,7 @@ class QueryDetector(nn.Module):
         self.cost = {"w_class": w_class, "w_l1": w_l1, "w_giou": w_giou, "alpha": focal_alpha, "gamma": focal_gamma}
         self.weights = {"cls": w_class, "l1": w_l1, "giou": w_giou}
         shapes = tap_shapes(backbone, self.taps, size, in_channels)
+        freeze_unused(backbone, self.taps, size, in_channels)      # e.g. its classifier head (DDP)
         self.grid = tuple(int(v) for v in shapes[-1][-2:])
         self.strides = [size // self.grid[1]]
         self.input_proj = nn.ModuleList(nn.Sequential(nn.Conv2d(s[1], width, 1), nn.GroupNorm(min(8, width), width))

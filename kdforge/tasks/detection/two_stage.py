@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from kdforge.errors import KdforgeError
 from kdforge.models.taps import FeatureTap
 from kdforge.tasks.detection.boxes import batched_nms, box_iou, nms
-from kdforge.tasks.detection.fpn import tap_shapes, top_down
+from kdforge.tasks.detection.fpn import freeze_unused, tap_shapes, top_down
 from kdforge.tasks.detection.roi import roi_align, rois_from_list
 
 __all__ = ["STDS", "TwoStageDetector", "anchors", "build_two_stage", "decode_deltas", "encode", "match_labels",
@@ -148,6 +148,7 @@ class TwoStageDetector(nn.Module):
                                "roi_pos_fraction in (0, 1]")
         self.backbone, self.taps, self.num_classes = backbone, list(taps), num_classes
         shapes = tap_shapes(backbone, self.taps, size, in_channels)
+        freeze_unused(backbone, self.taps, size, in_channels)      # e.g. its classifier head (DDP)
         self.strides = [size // s[-1] for s in shapes]
         self.size, self.width = size, width
         self.sizes, self.ratios = list(anchor_scales), list(aspect_ratios)
