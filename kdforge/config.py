@@ -69,6 +69,15 @@ class TermConfig:
 
 
 @dataclass
+class ParamGroupConfig:
+    """Parameters (glob patterns on their names, e.g. `*logit_scale`) trained with their own lr / weight decay."""
+
+    params: list[str] = field(default_factory=list)
+    lr_scale: float = 1.0                 # this group's lr = optim.lr * lr_scale (the schedule scales both)
+    weight_decay: float | None = None     # None: optim.weight_decay
+
+
+@dataclass
 class OptimConfig:
     name: str = "sgd"            # sgd | adamw | dot
     lr: float = 0.05
@@ -77,6 +86,8 @@ class OptimConfig:
     weight_decay: float = 5e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     delta: float = 0.075         # DOT momentum offset
+    no_decay_1d: bool = False    # no weight decay on parameters with < 2 dims (biases, norm scales, logit scale)
+    groups: list[ParamGroupConfig] = field(default_factory=list)   # first matching group wins
 
 
 @dataclass

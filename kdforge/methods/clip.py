@@ -48,7 +48,8 @@ class PairDataConfig:
 
 
 def _loop() -> LoopConfig:
-    return LoopConfig(epochs=10, batch_size=64, optim=OptimConfig(name="adamw", lr=1e-3, weight_decay=0.1),
+    return LoopConfig(epochs=10, batch_size=64,
+                      optim=OptimConfig(name="adamw", lr=1e-3, weight_decay=0.1, no_decay_1d=True),
                       schedule=ScheduleConfig(name="cosine", warmup_epochs=0.5), grad_clip=5.0)
 
 

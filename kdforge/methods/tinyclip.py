@@ -76,7 +76,8 @@ def _teacher_model() -> ClipModelConfig:
 
 
 def _loop(epochs: int) -> LoopConfig:
-    return LoopConfig(epochs=epochs, batch_size=64, optim=OptimConfig(name="adamw", lr=1e-3, weight_decay=0.1),
+    return LoopConfig(epochs=epochs, batch_size=64,
+                      optim=OptimConfig(name="adamw", lr=1e-3, weight_decay=0.1, no_decay_1d=True),
                       schedule=ScheduleConfig(name="cosine", warmup_epochs=0.5), grad_clip=5.0)
 
 

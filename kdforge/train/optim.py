@@ -6,6 +6,7 @@ cosine), so resuming at any step reproduces the learning rate exactly.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Iterable
 
@@ -16,8 +17,38 @@ from kdforge.config import OptimConfig, ScheduleConfig
 from kdforge.errors import ConfigError
 
 
-def build_optimizer(cfg: OptimConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    """SGD, AdamW or DOT (which takes task and distill losses separately)."""
+def param_groups(cfg: OptimConfig, named: Iterable[tuple[str, nn.Parameter]]) -> list[nn.Parameter] | list[dict]:
+    """The optimizer's parameter groups: `optim.groups` (first matching pattern wins), then `no_decay_1d`.
+
+    Without groups and `no_decay_1d` it is the plain parameter list (one group, as before). A pattern
+    that matches no trainable parameter is a config error (a typo would otherwise be silently ignored).
+    """
+    named = list(named)
+    if not cfg.groups and not cfg.no_decay_1d:
+        return [p for _, p in named]
+    for gi, group in enumerate(cfg.groups):
+        if not group.params or group.lr_scale < 0 or (group.weight_decay is not None and group.weight_decay < 0):
+            raise ConfigError(f"optim.groups.{gi}: needs params (name patterns), lr_scale >= 0 and weight_decay >= 0")
+        for pat in group.params:
+            if not any(fnmatch.fnmatchcase(name, pat) for name, _ in named):
+                example = f" (names look like {named[0][0]!r})" if named else ""
+                raise ConfigError(f"optim.groups.{gi}.params: pattern {pat!r} matches no trainable parameter{example}")
+    buckets: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, p in named:
+        scale, decay = 1.0, cfg.weight_decay
+        if cfg.no_decay_1d and p.ndim < 2:
+            decay = 0.0
+        for group in cfg.groups:
+            if any(fnmatch.fnmatchcase(name, pat) for pat in group.params):
+                scale = group.lr_scale
+                decay = decay if group.weight_decay is None else group.weight_decay
+                break
+        buckets.setdefault((scale, decay), []).append(p)
+    return [{"params": ps, "lr": cfg.lr * scale, "weight_decay": decay} for (scale, decay), ps in buckets.items()]
+
+
+def build_optimizer(cfg: OptimConfig, params: Iterable[nn.Parameter] | Iterable[dict]) -> torch.optim.Optimizer:
+    """SGD, AdamW or DOT (which takes task and distill losses separately); `params` may be groups."""
     params = list(params)
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,

@@ -42,7 +42,7 @@ from kdforge.train.checkpoint import (
 )
 from kdforge.train.distributed import DistEnv, device_for, dist_env_from_environment
 from kdforge.train.log import MetricsLog, TensorBoard, json_safe, progress
-from kdforge.train.optim import build_optimizer, lr_factor, set_lr, wants_loss_groups
+from kdforge.train.optim import build_optimizer, lr_factor, param_groups, set_lr, wants_loss_groups
 from kdforge.train.teacher_pipeline import TeacherPipeline, pipeline_plan
 
 
@@ -209,7 +209,9 @@ class Trainer:
         return self.task.make_batch(*args, **kwargs)
 
     def _build_optimizer(self) -> None:
-        self.optimizer = build_optimizer(self.cfg.optim, self.module.trainable_parameters())
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        named = [(names.get(id(p), "?"), p) for p in self.module.trainable_parameters()]
+        self.optimizer = build_optimizer(self.cfg.optim, param_groups(self.cfg.optim, named))
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.grouped = wants_loss_groups(self.optimizer)
 
