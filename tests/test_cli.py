@@ -66,6 +66,9 @@ def test_methods_lists_every_card_id(capsys) -> None:
     assert all(set(r) >= {"id", "family", "paper", "status"} for r in rows)
     assert all(r["status"] in ("implemented", "planned") for r in rows)
     assert {r["id"]: r["status"] for r in rows}["kd"] == "implemented"
+    recipes = {r["id"]: r for r in rows if r["kind"] == "baseline" and r["family"].startswith("baseline-")}
+    assert recipes["rd"]["family"] == "baseline-anomaly" and recipes["clip"]["family"] == "baseline-vision-language"
+    assert not {"rd", "clip", "dml", "detector"} & set(SEED_METHODS)   # registered baseline recipes are listed too
     code, out, _ = _run(capsys, "methods")
     assert code == 0 and "ssd_det" in out and "ICCV 2023 seed methods (" in out and "Baselines" in out
     assert out.index("[detection]") < out.index("ssd_det") < out.index("Baselines") < out.index("crd")

@@ -67,7 +67,12 @@ def import_methods() -> None:
 
 
 def list_methods() -> list[MethodInfo]:
-    """Seed methods in card order, then the baselines."""
+    """Seed methods in card order, then the baseline losses, then the baseline recipes (e.g. `rd`, `clip`).
+
+    A baseline recipe is any registered method that is not a seed method: the plain training a
+    seed method's experiment compares against (reverse distillation, contrastive CLIP, a detector
+    without distillation, mutual learning).
+    """
     import_methods()
     out = [MethodInfo(mid, fam, paper, "implemented" if mid in METHODS else "planned", "seed")
            for mid, (fam, paper) in SEED_METHODS.items()]
@@ -75,6 +80,10 @@ def list_methods() -> list[MethodInfo]:
         meta = LOSSES.meta(name) if name in LOSSES else {}
         out.append(MethodInfo(name, f"baseline-{meta.get('family', 'kd')}", meta.get("paper", ""),
                               "implemented" if name in LOSSES else "planned", "baseline"))
+    for name in sorted(set(METHODS.names()) - set(SEED_METHODS)):
+        meta = METHODS.meta(name)
+        out.append(MethodInfo(name, f"baseline-{meta.get('family', 'recipe')}", meta.get("paper", ""),
+                              "implemented", "baseline"))
     return out
 
 
