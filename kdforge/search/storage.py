@@ -12,15 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from kdforge.errors import KdforgeError
+from kdforge.extras import require
 
 
 def require_optuna() -> Any:
     """The optuna module, or one line saying how to install it."""
-    try:
-        import optuna
-    except ImportError:
-        raise KdforgeError("kdforge search needs Optuna: pip install 'kdforge[search]' (or pip install "
-                           "optuna)") from None
+    optuna = require("optuna", "search", "kdforge search needs Optuna")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
 

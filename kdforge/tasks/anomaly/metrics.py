@@ -13,16 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdforge.errors import KdforgeError
+from kdforge.extras import require
 
 __all__ = ["anomaly_map", "auroc", "cosine_distance", "gaussian_blur", "require_sklearn", "region_errors"]
 
 
 def require_sklearn() -> Any:
-    try:
-        from sklearn.metrics import roc_auc_score
-    except ImportError:
-        raise KdforgeError("anomaly AUROC needs scikit-learn: pip install 'kdforge[small-data]'") from None
-    return roc_auc_score
+    return require("sklearn.metrics", "small-data", "anomaly AUROC needs scikit-learn").roc_auc_score
 
 
 def cosine_distance(student: Tensor, teacher: Tensor) -> Tensor:

@@ -6,7 +6,7 @@ import contextlib
 import io
 from typing import Any
 
-from kdforge.errors import KdforgeError
+from kdforge.extras import require
 from kdforge.tasks.detection.coco import CocoData
 
 __all__ = ["STAT_NAMES", "coco_ap", "require_pycocotools"]
@@ -17,12 +17,9 @@ STAT_NAMES = ["AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
 
 
 def require_pycocotools() -> Any:
-    try:
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
-    except ImportError:
-        raise KdforgeError("COCO metrics need pycocotools: pip install 'kdforge[detection]'") from None
-    return COCO, COCOeval
+    purpose = "COCO metrics need pycocotools"
+    return (require("pycocotools.coco", "detection", purpose).COCO,
+            require("pycocotools.cocoeval", "detection", purpose).COCOeval)
 
 
 def coco_ap(ground_truth: CocoData, detections: list[dict[str, Any]]) -> dict[str, float]:

@@ -16,16 +16,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from kdforge.errors import KdforgeError
+from kdforge.extras import require
 
 __all__ = ["require_transformers"]
 
 
 def require_transformers() -> ModuleType:
     """The `transformers` module, or one line naming the extra that provides it."""
-    try:
-        import transformers
-    except ImportError:
-        raise KdforgeError("vision-language tasks need the `vl` extra (transformers): "
-                           "pip install 'kdforge[vl]'") from None
-    return transformers
+    return require("transformers", "vl", "vision-language tasks need transformers")
