@@ -49,6 +49,8 @@ class ModelConfig:
     args: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None   # safetensors / .pth weights, or a kdforge run directory
     cache: str | None = None        # teacher-output cache directory (teachers only)
+    device: str | None = None       # teachers only: where it runs (e.g. cuda:1 for a teacher that does not fit
+                                    # beside the student); default: the run's device
 
 
 @dataclass
@@ -335,6 +337,9 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         if not ok:
             raise ConfigError(f"{source}: {message}")
     teachers = cfg.all_teachers()
+    if cfg.student.device is not None:
+        raise ConfigError(f"{source}: student.device: the student runs on trainer.device; only teachers take a "
+                          "device of their own")
     for i, term in enumerate(cfg.terms):
         if term.group not in ("task", "distill") and not term.group:
             raise ConfigError(f"{source}: terms.{i}.group must be a non-empty name")

@@ -159,10 +159,25 @@ class Distiller(nn.Module):
 
     teacher_dtype: torch.dtype | None = None
     teacher_channels_last: bool = False
+    teacher_devices: dict[str, torch.device] = {}
+
+    def place_teacher(self, tid: str, device: torch.device) -> None:
+        """Run teacher `tid` on `device` (another GPU for a teacher that does not fit beside the student):
+        its inputs are copied there and its outputs copied back to the student's device."""
+        self.teachers[tid].to(device)
+        self.teacher_devices = {**self.teacher_devices, tid: device}
 
     def _run_teacher(self, tid: str, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         tap = self._teacher_taps[tid]
         tap.clear()
+        home, there = images.device, self.teacher_devices.get(tid)
+        if there is not None and there != home:
+            logits, feats = self._run_teacher_on(tid, images.to(there))
+            return logits.to(home), {k: v.to(home) for k, v in feats.items()}
+        return self._run_teacher_on(tid, images)
+
+    def _run_teacher_on(self, tid: str, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        tap = self._teacher_taps[tid]
         if self.teacher_channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         precision = (torch.autocast(images.device.type, dtype=self.teacher_dtype) if self.teacher_dtype

@@ -80,12 +80,18 @@ def teacher_dtype(name: str) -> torch.dtype | None:
     return dtypes[name]
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
+    """A config's device string (`auto`, `cpu`, `cuda`, `cuda:N`) as a device this machine has."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise KdforgeError(f"{key}={name} is not a device (expected auto, cpu, cuda or cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise KdforgeError(f"trainer.device={name} but no CUDA device is available")
+        raise KdforgeError(f"{key}={name} but no CUDA device is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise KdforgeError(f"{key}={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -168,6 +174,7 @@ class Trainer:
         if hasattr(self.module, "set_teacher_execution"):
             self.module.set_teacher_execution(teacher_dtype(cfg.trainer.teacher_precision),
                                               cfg.trainer.teacher_channels_last)
+        self._place_teachers()
         self.steps_per_epoch = task.steps_per_epoch()
         self._build_optimizer()
         if self.grouped and cfg.trainer.grad_clip:
@@ -207,6 +214,18 @@ class Trainer:
 
     def make_batch(self, *args: Any, **kwargs: Any) -> Any:
         return self.task.make_batch(*args, **kwargs)
+
+    def _place_teachers(self) -> None:
+        """`teacher.device` / `teachers.<id>.device`: run that frozen teacher on a device of its own."""
+        for tid, tcfg in self.cfg.all_teachers().items():
+            if tcfg.device is None:
+                continue
+            key = "teacher.device" if tid == "teacher" else f"teachers.{tid}.device"
+            if self.env.enabled:
+                raise KdforgeError(f"{key} is not supported in distributed runs (each process owns one device)")
+            if not hasattr(self.module, "place_teacher"):
+                raise KdforgeError(f"{key}: the {self.task.name} task's module runs its teachers itself")
+            self.module.place_teacher(tid, resolve_device(tcfg.device, key))
 
     def _build_optimizer(self) -> None:
         names = {id(p): n for n, p in self.module.named_parameters()}
