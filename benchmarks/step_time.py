@@ -11,6 +11,11 @@ resnet32x4 (teacher) -> resnet8x4 (student), 100 classes, batch 64 of 3x32x32 pr
   thread while the student steps (`trainer.teacher_pipeline`), each side with half the threads.
 * ``cached``: the same Distiller, with `Batch.teacher_outputs` from `TeacherCache.lookup` (the
   cache of the same teacher on the same views is built once beforehand, not timed).
+* ``pipelined_bf16``: `pipelined` with the teacher's forward in bf16 autocast
+  (`trainer.teacher_precision: bf16`).
+* ``teacher_half`` / ``plain_half``: the teacher's forward alone and the student's CE step alone,
+  each on half the threads: the pipeline's floor on this machine is the larger of the two
+  (``floor_vs_reference``), whatever the pipeline's own overhead.
 
 Every variant builds its batches the same way (gather + crop/flip + normalize on the device).
 Each trains its own copy of the same student. Variants are timed in interleaved rounds (each
@@ -18,7 +23,7 @@ round runs `--chunk` consecutive steps of every variant, so the pipeline's fill 
 a chunk is paid inside the timing), so background load hits all alike. `--threads` is the total
 thread budget: the sequential variants use all of it, the pipelined one half per side. The last
 line is ``pipelined_vs_reference=<p/r> online_vs_reference=<o/r> cached_vs_plain=<c/a>
-online_vs_plain=<o/a>``.
+online_vs_plain=<o/a> pipelined_bf16_vs_reference=<p16/r> floor_vs_reference=<max(t/2, a/2)/r>``.
 
     python benchmarks/step_time.py --quick
     python benchmarks/step_time.py --device cuda --amp bf16 --channels-last
@@ -169,7 +174,27 @@ DESC = {"reference": "(r) reference KD step (plain re-implementation)",
         "plain": "(a) student alone: CE + SGD step",
         "online": "(b) kdforge online KD, sequential teacher",
         "pipelined": "(p) kdforge online KD, pipelined teacher",
-        "cached": "(c) kdforge KD from the teacher-output cache"}
+        "cached": "(c) kdforge KD from the teacher-output cache",
+        "pipelined_bf16": "(p16) pipelined, teacher forward in bf16 autocast",
+        "teacher_half": "(t/2) teacher forward alone, half the threads",
+        "plain_half": "(a/2) student CE step alone, half the threads"}
+
+
+class TeacherForward:
+    """The teacher's forward alone (no_grad), as the pipeline's worker runs it."""
+
+    def __init__(self, teacher: nn.Module, inputs: Inputs, amp: torch.dtype | None, threads: int) -> None:
+        self.name, self.inputs, self.amp, self.threads = "teacher_half", inputs, amp, threads
+        self.teacher = teacher.to(inputs.device).eval()
+        if inputs.channels_last:
+            self.teacher.to(memory_format=torch.channels_last)
+
+    def run(self, indices: list[Tensor], first_step: int) -> None:
+        ctx = (lambda: torch.autocast(self.inputs.device.type, dtype=self.amp)) if self.amp else contextlib.nullcontext
+        for k, index in enumerate(indices):
+            batch = self.inputs.batch(index, first_step + k)
+            with ctx(), torch.no_grad():
+                self.teacher(batch.images)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -223,12 +248,20 @@ def main(argv: list[str] | None = None) -> None:
     def kd_distiller() -> Distiller:
         return Distiller(copy.deepcopy(student), copy.deepcopy(teacher), terms(True))
 
+    def bf16_teacher(distiller: Distiller) -> Distiller:
+        distiller.set_teacher_execution(torch.bfloat16)
+        return distiller
+
     variants = [
         Reference(copy.deepcopy(student), copy.deepcopy(teacher), inputs, amp, args.threads),
         Variant("plain", Distiller(copy.deepcopy(student), None, terms(False)), inputs, amp, args.threads),
         Variant("online", kd_distiller(), inputs, amp, args.threads),
         Variant("pipelined", kd_distiller(), inputs, amp, args.threads, pipelined=True),
         Variant("cached", kd_distiller(), inputs, amp, args.threads, cache=cache),
+        Variant("pipelined_bf16", bf16_teacher(kd_distiller()), inputs, amp, args.threads, pipelined=True),
+        TeacherForward(copy.deepcopy(teacher), inputs, amp, max(1, args.threads // 2)),
+        Variant("plain_half", Distiller(copy.deepcopy(student), None, terms(False)), inputs, amp,
+                max(1, args.threads // 2)),
     ]
     order = epoch_order(args.cache_samples, SEED, 0).to(device)
     per_epoch = max(1, args.cache_samples // args.batch)
@@ -244,7 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     ratios = {"pipelined_vs_reference": med["pipelined"] / med["reference"],
               "online_vs_reference": med["online"] / med["reference"],
-              "cached_vs_plain": med["cached"] / med["plain"], "online_vs_plain": med["online"] / med["plain"]}
+              "cached_vs_plain": med["cached"] / med["plain"], "online_vs_plain": med["online"] / med["plain"],
+              "pipelined_bf16_vs_reference": med["pipelined_bf16"] / med["reference"],
+              "floor_vs_reference": max(med["teacher_half"], med["plain_half"]) / med["reference"]}
     per_round = [p / r for p, r in zip(times["pipelined"], times["reference"])]
 
     setting = (f"resnet32x4 -> resnet8x4, {NUM_CLASSES} classes, batch {args.batch} of 3x32x32, {args.warmup} "
