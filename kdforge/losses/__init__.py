@@ -10,6 +10,7 @@ from kdforge.losses.base import DistillLoss, Features, LossContext, Shape
 from kdforge.losses.bckd import bckd_cls_loss, bckd_loc_loss, bckd_location_weights
 from kdforge.losses.ce import CELoss, ce_loss, soft_ce_loss
 from kdforge.losses.crd import CRDLoss, crd_nce_loss, sample_negatives
+from kdforge.losses.cs import CSLoss, cs_divergence, cs_inter, cs_intra
 from kdforge.losses.dkd import DKDLoss, dkd_loss, dkd_parts
 from kdforge.losses.fitnet import FitNetLoss, fitnet_loss
 from kdforge.losses.iod_wcbc import distance_matrix_kd, semantic_guided_feature_kd
@@ -32,4 +33,5 @@ __all__ = [
     "LossContext", "PKTLoss", "RKDLoss", "SPLoss", "Shape", "at_loss", "attention_map", "ce_loss",
     "crd_nce_loss", "dkd_loss", "dkd_parts", "fitnet_loss", "kd_loss", "pkt_loss", "rkd_loss",
     "sample_negatives", "similarity_matrix", "soft_ce_loss", "sp_loss",
+    "CSLoss", "cs_divergence", "cs_inter", "cs_intra",
 ]

@@ -33,6 +33,7 @@ from torch import Tensor
 from kdforge.errors import KdforgeError
 from kdforge.losses._common import paired
 from kdforge.losses.base import DistillLoss, Features, LossContext
+from kdforge.losses.cs import cs_divergence
 from kdforge.registry import LOSSES
 
 GLOBAL = ("none", "spatial_attention", "channel_attention", "mask_random", "mask_teacher")
@@ -109,7 +110,7 @@ def _kl_rows(s: Tensor, t: Tensor, temperature: float) -> Tensor:
 def _cs_rows(s: Tensor, t: Tensor, temperature: float) -> Tensor:
     p = F.softmax(t / temperature, dim=1)
     q = F.softmax(s / temperature, dim=1)
-    return -torch.log(((p * q).sum(1) / (p.norm(dim=1) * q.norm(dim=1))).clamp_min(1e-12)).mean()
+    return cs_divergence(p, q, dim=1).mean()
 
 
 _DISTANCE_FNS: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
