@@ -241,15 +241,22 @@ def test_targets_decode_back_to_the_boxes() -> None:
     assert gaussian_radius(4.0, 2.0) > gaussian_radius(1.0, 1.0) > 0
 
 
-def test_teacher_recipe_trains_and_draws(tmp_path: Path) -> None:
+def test_teacher_recipe_trains_draws_and_is_reused_by_rdd(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    assert main(["train", str(ROOT / "configs/pointcloud/teacher.yaml"), "data.num_train=8", "data.num_test=4",
-                 "teacher.loop.epochs=1", "teacher.loop.batch_size=4", "teacher.model.width=8",
-                 "teacher.model.head=8", "teacher.model.pfn=8", "--out", str(out)]) == 0
+    same = ["data.num_train=8", "data.num_test=4", "teacher.loop.epochs=1", "teacher.loop.batch_size=4",
+            "teacher.model.width=8", "teacher.model.head=8", "teacher.model.pfn=8", "trainer.progress=false"]
+    assert main(["train", str(ROOT / "configs/pointcloud/teacher.yaml"), *same, "--out", str(out)]) == 0
     result = json.loads((out / "result.json").read_text())
     assert {"test_bev_ap", "test_ap3d", "test_bev_ap50", "test_fp_per_scene", "test_bev_ap_car"} <= set(result)
     assert (out / "predictions.png").stat().st_size > 1000
     assert not (out / "stages").exists()
+    # a distillation recipe reuses the baseline recipe's teacher run (same data and teacher settings)
+    student = tmp_path / "rdd"
+    assert main(["train", str(ROOT / "configs/methods/rdd.yaml"), *same, f"teacher.run={out}", "train.epochs=1",
+                 "train.batch_size=4", "model={voxel: 2.0, cell: 1.0, pfn: 4, width: 4, depth: 2, head: 4}",
+                 "--out", str(student)]) == 0
+    assert "teacher_test_bev_ap" in json.loads((student / "result.json").read_text())
+    assert not (student / "stages").exists()
 
 
 def test_two_processes_match_one(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from kdforge.losses.kd import KDLoss, kd_loss
 from kdforge.losses.l2d import L2DLEDLoss, L2DMLDLoss, l2d_led_loss, l2d_mld_loss
 from kdforge.losses.memkd import memorisation_loss, orthogonality_loss
 from kdforge.losses.pkt import PKTLoss, pkt_loss
+from kdforge.losses.rdd import rdd_losses
 from kdforge.losses.rkd import RKDLoss, rkd_loss
 from kdforge.losses.sp import SPLoss, similarity_matrix, sp_loss
 from kdforge.losses.tinyclip import affinity_mimicking_loss, clip_contrastive_loss
@@ -33,5 +34,5 @@ __all__ = [
     "LossContext", "PKTLoss", "RKDLoss", "SPLoss", "Shape", "at_loss", "attention_map", "ce_loss",
     "crd_nce_loss", "dkd_loss", "dkd_parts", "fitnet_loss", "kd_loss", "pkt_loss", "rkd_loss",
     "sample_negatives", "similarity_matrix", "soft_ce_loss", "sp_loss",
-    "CSLoss", "cs_divergence", "cs_inter", "cs_intra",
+    "CSLoss", "cs_divergence", "cs_inter", "cs_intra", "rdd_losses",
 ]
