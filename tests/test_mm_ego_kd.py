@@ -183,6 +183,7 @@ def test_bad_recipes_fail_in_one_line(tmp_path: Path, capsys) -> None:
                               ("teachers=[rgb, depth]", "unknown teacher 'depth'"),
                               ("student.modality=depth", "student.modality must be one of"),
                               ("distill.tau_w=0", "tau_w and distill.temperature must be > 0"),
+                              ("student.norm=layer", "norm must be batch or group"),
                               ("data.holdout_fraction=0", "holdout_fraction"),
                               ("distill.wieghting=uniform", "wieghting"),
                               (f"teacher_runs.rgb={tmp_path}/nothing", "holds no finished run"),

@@ -169,6 +169,11 @@ def test_fusion_reads_every_modality_and_the_student_only_its_own() -> None:
         rgb({"flow": inputs["flow"]})
     with pytest.raises(ConfigError, match="unknown model"):
         clip_model("depth", shapes, 12, 4)
+    grouped = clip_model("fusion", shapes, 12, 4, norm="group")        # per-sample statistics (exact under DDP)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in grouped.modules())
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in grouped.modules())
+    with pytest.raises(ConfigError, match="norm must be batch or group"):
+        ClipNet("rgb", shapes["rgb"], 12, 4, norm="layer")
 
 
 def test_task_batches_are_index_addressable_and_the_module_uses_labels(tmp_path: Path) -> None:

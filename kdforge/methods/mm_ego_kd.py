@@ -29,9 +29,9 @@ teacher run instead of training one (its data and teacher settings must match). 
                                # label_noise, seed
     teachers: [rgb, flow, audio]   # the ensemble (modalities, or fusion)
     fusion: [rgb, flow, audio]     # the fusion teacher's modalities
-    teacher_model: {width}     # every teacher's ClipNet width
-    student: {modality, width}     # the student's input (rgb) and width (paper: the RGB teacher's
-                                   # architecture)
+    teacher_model: {width, norm}   # every teacher's ClipNet width and normalisation (batch | group)
+    student: {modality, width, norm}   # the student's input (rgb) and network (paper: the RGB
+                                       # teacher's architecture)
     teacher_train: LoopConfig
     train: LoopConfig
     augment: {shift}           # spatial shift (px) shared by all visual modalities of a clip
@@ -183,12 +183,14 @@ class MMEgoKDModule(ClipModule):
 @dataclass
 class ModelConfig:
     width: int = 8
+    norm: str = "batch"               # batch | group (group: exact under torchrun on CPU)
 
 
 @dataclass
 class StudentConfig:
     modality: str = "rgb"
     width: int = 8
+    norm: str = "batch"
 
 
 @dataclass
@@ -262,6 +264,8 @@ class MMEgoKDRecipe:
         if self.student.modality not in MODALITIES:
             raise ConfigError(f"{source}: student.modality must be one of {', '.join(MODALITIES)}, "
                               f"got {self.student.modality!r}")
+        if self.teacher_model.norm not in ("batch", "group") or self.student.norm not in ("batch", "group"):
+            raise ConfigError(f"{source}: teacher_model.norm and student.norm must be batch or group")
         if self.augment.shift < 0:
             raise ConfigError(f"{source}: augment.shift must be >= 0, got {self.augment.shift}")
         self.teacher_train.check(f"{source}: teacher_train")
@@ -274,7 +278,8 @@ def _splits(cfg: MMEgoKDRecipe) -> tuple[ClipData, ClipData, ClipData]:
 
 def _teacher_model(cfg: MMEgoKDRecipe, name: str, data: ClipData) -> nn.Module:
     torch.manual_seed(cfg.teacher_seed + TEACHER_NAMES.index(name))
-    return clip_model(name, data.shapes(), data.num_classes, cfg.teacher_model.width, cfg.fusion)
+    return clip_model(name, data.shapes(), data.num_classes, cfg.teacher_model.width, cfg.fusion,
+                      cfg.teacher_model.norm)
 
 
 def _teacher_task(cfg: MMEgoKDRecipe, name: str, splits: tuple[ClipData, ClipData, ClipData]) -> ClipTask:
@@ -366,7 +371,8 @@ def run_mm_ego_kd(cfg: MMEgoKDRecipe, run_dir: str | Path, trainer: TrainerConfi
             extra[f"used_weight_{name}"] = float(ensemble.weights[j])
         extra.update(_ensemble_report(ensemble, splits, device, d.bins))
     torch.manual_seed(cfg.seed)
-    student = clip_model(cfg.student.modality, train.shapes(), train.num_classes, cfg.student.width)
+    student = clip_model(cfg.student.modality, train.shapes(), train.num_classes, cfg.student.width,
+                         norm=cfg.student.norm)
     sample = {k: v[:1] for k, v in test.modalities.items()}
     s_cost = cost(student, sample)
     extra.update({"student_flops": s_cost["flops"], "student_params": s_cost["params"]})
