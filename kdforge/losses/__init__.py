@@ -22,6 +22,7 @@ from kdforge.losses.rdd import rdd_losses
 from kdforge.losses.rkd import RKDLoss, rkd_loss
 from kdforge.losses.sp import SPLoss, similarity_matrix, sp_loss
 from kdforge.losses.tinyclip import affinity_mimicking_loss, clip_contrastive_loss
+from kdforge.losses.zeroseg import multiscale_global_l1, segment_matching_l1
 
 __all__ = [
     "bckd_cls_loss",
@@ -34,5 +35,5 @@ __all__ = [
     "LossContext", "PKTLoss", "RKDLoss", "SPLoss", "Shape", "at_loss", "attention_map", "ce_loss",
     "crd_nce_loss", "dkd_loss", "dkd_parts", "fitnet_loss", "kd_loss", "pkt_loss", "rkd_loss",
     "sample_negatives", "similarity_matrix", "soft_ce_loss", "sp_loss",
-    "CSLoss", "cs_divergence", "cs_inter", "cs_intra", "rdd_losses",
+    "CSLoss", "cs_divergence", "cs_inter", "cs_intra", "rdd_losses", "multiscale_global_l1", "segment_matching_l1",
 ]

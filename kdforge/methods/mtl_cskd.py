@@ -34,8 +34,8 @@ Recipe schema (`configs/methods/mtl_cskd.yaml`; `kdforge train configs/methods/m
     baselines: {task: DIR}             # finished single-task runs -> test_mtl_score (multi-task score)
     mtl_cskd: {beta, temperature, intra, inter, divergence: cs | kl, axes: {task: channel|binary|spatial}}
 
-`mtl_cskd.beta: 0` is the same student without KD (no teacher is built): `configs/dense/*.yaml`
-are the single-task and multi-task baselines.
+`mtl_cskd.beta: 0` is the same student without KD (no teacher is built); the single- and multi-task
+baselines (`configs/dense/*.yaml`) are `method: dense` recipes of the same schema without `mtl_cskd:`.
 """
 
 from __future__ import annotations
@@ -125,12 +125,12 @@ class MTLCSKDRecipe:
     baselines: dict[str, str | None] = field(default_factory=dict)
     mtl_cskd: MTLCSKDArgs = field(default_factory=MTLCSKDArgs)
 
-    def check(self, source: str) -> None:
+    def check(self, source: str, method: str = "mtl_cskd") -> None:
         from kdforge.tasks.dense.models import ARCHS
         from kdforge.tasks.dense.scenes import TASKS
 
-        if self.method != "mtl_cskd":
-            raise ConfigError(f"{source}: method must be 'mtl_cskd', got {self.method!r}")
+        if self.method != method:
+            raise ConfigError(f"{source}: method must be {method!r}, got {self.method!r}")
         d, a = self.data, self.mtl_cskd
         if d.format not in ("procedural", "folder"):
             raise ConfigError(f"{source}: data.format must be procedural or folder, got {d.format!r}")
