@@ -19,6 +19,10 @@ user's real CLIP or another run's `<run>/model`). The card's ablation arms are o
 base = `zeroseg.global_grids=[1] zeroseg.match_weight=0`, +multi-scale = `zeroseg.match_weight=0`,
 +matching = `zeroseg.global_grids=[1]`, both = the defaults.
 
+Evidence (configs/experiments/zeroseg.yaml): at the CPU demo's budget the student's grouping
+collapses (one or two segments per image) in every arm and variant tried, so both arms sit near
+the background-only floor; ZeroSeg's small lead over the base is inconclusive (see its notes).
+
 Recipe (`configs/methods/zeroseg.yaml`)::
 
     method: zeroseg
@@ -27,7 +31,8 @@ Recipe (`configs/methods/zeroseg.yaml`)::
                                     # canvases; val drawn with data.seed + 1000, test with data.seed + 2000
     teacher: {model: ClipModelConfig (or model.local_dir), data: PairDataConfig, loop: LoopConfig, seed}
     teacher_only: bool              # train (only) the teacher CLIP into the run directory
-    model: StudentSpec              # GroupViT sizes, or model.local_dir: a saved GroupViTVisionModel
+    model: StudentSpec              # GroupViT sizes (+ grouping: groupvit | pooled), or model.local_dir:
+                                    # a saved GroupViTVisionModel
     train: LoopConfig
     zeroseg: {grids, global_weight, global_grids, match_weight, match_grids, rec_weight, mask_ratio}
 """
