@@ -157,6 +157,7 @@ def test_recipe_trains_stages_weights_and_student(tmp_path: Path) -> None:
     # the baseline (labels only) trains no teacher; a run reusing finished teachers trains none either
     assert main(["train", str(BASELINE), *TINY, "--out", str(tmp_path / "base")]) == 0
     assert not (tmp_path / "base" / "stages").exists()
+    assert main(["train", str(BASELINE), *TINY, "distill.a_kd=1", "--out", str(tmp_path / "bad")]) == 2
     reuse = [f"teacher_runs.{m}={run}/stages/teacher_{m}" for m in ("rgb", "flow")]
     assert main(["train", str(RECIPE), *TINY, "teachers=[rgb, flow]", *reuse, "distill.weight_split=teacher_train",
                  "--out", str(tmp_path / "reuse")]) == 0

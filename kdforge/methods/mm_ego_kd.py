@@ -240,9 +240,9 @@ class MMEgoKDRecipe:
     teacher_only: str | None = None
     teacher_runs: TeacherRuns = field(default_factory=TeacherRuns)
 
-    def check(self, source: str) -> None:
-        if self.method != "mm_ego_kd":
-            raise ConfigError(f"{source}: method must be 'mm_ego_kd', got {self.method!r}")
+    def check(self, source: str, method: str = "mm_ego_kd") -> None:
+        if self.method != method:
+            raise ConfigError(f"{source}: method must be {method!r}, got {self.method!r}")
         self.data.check(f"{source}: data")
         d = self.distill
         if d.weighting not in SCHEMES:
