@@ -21,6 +21,7 @@ from kdforge.tasks.generative.diffusion import (
     build_unet,
     guided_eps,
     load_diffusion,
+    sample,
     save_diffusion,
 )
 from kdforge.tasks.generative.models import Manipulator
@@ -214,3 +215,17 @@ def test_result_json_is_written(tmp_path: Path) -> None:
     assert main(["train", str(RECIPE), *TINY, "--out", str(tmp_path / "run")]) == 0
     saved = json.loads((tmp_path / "run/result.json").read_text())
     assert saved["policy"] == "hqs" and 0 <= saved["test_edit_success"] <= 100
+
+
+def test_sdedit_sampling_keeps_the_start_image_at_low_noise_and_forgets_it_at_high_noise() -> None:
+    """SDEdit (`sample(start=..., start_step=t0)`): noised to t0 then denoised; t0 = 0 is nearly the identity."""
+    torch.manual_seed(0)
+    unet, sched = build_unet(SMALL, 8, 2).eval(), build_scheduler(SMALL)
+    start = torch.rand(4, 1, 8, 8) * 2 - 1
+    labels = torch.ones(4, dtype=torch.long)
+    low = sample(unet, sched, labels, null=2, scale=1.0, size=8, seed=0, start=start, start_step=0)
+    high = sample(unet, sched, labels, null=2, scale=1.0, size=8, seed=0, start=start, start_step=49)
+    again = sample(unet, sched, labels, null=2, scale=1.0, size=8, seed=0, start=start, start_step=0)
+    assert torch.equal(low, again)                                       # seeded
+    assert (low - start).abs().mean() < 0.05
+    assert (high - start).abs().mean() > 10 * (low - start).abs().mean()
