@@ -92,3 +92,13 @@ def test_console_script_exit_status(tmp_path: Path) -> None:
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"kdforge: error: config file not found: {tmp_path / 'x.yaml'}"
+
+
+@pytest.mark.parametrize("name", ["rd", "crkd", "rdd", "dense"])
+def test_a_task_method_in_a_run_config_is_one_line_naming_the_recipe_form(tmp_path: Path, capsys, name: str) -> None:
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    code, _, err = _run(capsys, "train", str(cfg), f"method.name={name}", "--out", str(tmp_path / "run"))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1
+    assert f"method '{name}' is a task recipe" in lines[0] and f"`method: {name}`" in lines[0]

@@ -12,7 +12,6 @@ from recipe_checks import assert_ddp_matches, assert_resume_exact
 
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.methods.wad import (
-    WAD,
     WADConfig,
     build_ssl,
     polynomial_decay,
@@ -176,8 +175,6 @@ def test_recipe_and_registry():
         load_task_config(WADConfig, {"wad": {"splt": 3}})
     with pytest.raises(ConfigError):
         load_task_config(WADConfig, {"wad": {"mode": "fixmatch"}}).check()
-    with pytest.raises(KdforgeError):
-        WAD.build_module()
 
 
 def test_teacher_is_a_function_of_its_seed(tmp_path):

@@ -284,13 +284,6 @@ class AdaSim:
     """Registry entry: AdaSim trains a `SelfDistillTask` (`kdforge.tasks.selfsup`) through the Trainer."""
 
     @classmethod
-    def build_module(cls, **_: Any) -> Any:
-        raise KdforgeError(
-            "adasim is a self-supervised task recipe, not a classification run config: "
-            "kdforge train configs/methods/adasim.yaml --out runs/adasim"
-        )
-
-    @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
         """Run a `configs/methods/adasim.yaml` recipe into `run_dir` (see the module docstring)."""
         cfg, trainer, text = parse_recipe(tree, source, AdaSimConfig)

@@ -163,10 +163,6 @@ def run_bckd(cfg: BCKDRecipe, run_dir: str | Path, trainer: Any = None, config_t
 
 class BCKD:
     @classmethod
-    def build_module(cls, **_: Any) -> Any:
-        raise KdforgeError("bckd is a detection task recipe: kdforge train configs/methods/bckd.yaml --out runs/bckd")
-
-    @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
         cfg, trainer, text = parse_recipe(tree, source, BCKDRecipe)
         if cfg.method != "bckd":

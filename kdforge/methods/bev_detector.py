@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kdforge.errors import KdforgeError
 from kdforge.registry import METHODS
 from kdforge.tasks.pointcloud.task import BEVDetectorModule, BEVRecipe, run_bev
 from kdforge.train.stages import parse_recipe
@@ -21,11 +20,6 @@ __all__ = ["BEVDetectorRecipe"]
 
 class BEVDetectorRecipe:
     """Registered entry for `method: bev_detector` recipes."""
-
-    @classmethod
-    def build_module(cls, **_: Any) -> Any:
-        raise KdforgeError("bev_detector recipes are task recipes: kdforge train configs/pointcloud/student.yaml "
-                           "--out DIR")
 
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:

@@ -132,10 +132,6 @@ class Clip:
     """Registered entry for `method: clip` recipes."""
 
     @classmethod
-    def build_module(cls, **_: Any) -> Any:
-        raise KdforgeError("clip recipes are task recipes: kdforge train configs/vision_language/clip.yaml --out DIR")
-
-    @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
         cfg, trainer, text = parse_recipe(tree, source, ClipRecipe)
         if cfg.method != "clip":

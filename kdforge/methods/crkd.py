@@ -197,13 +197,6 @@ class CrKD:
         }
 
     @classmethod
-    def build_module(cls, **_: Any) -> Any:
-        raise KdforgeError(
-            "crkd is a task recipe (novel class discovery), not a classification run config: "
-            "kdforge train configs/methods/crkd.yaml --out runs/crkd"
-        )
-
-    @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
         """Run a `configs/methods/crkd.yaml` recipe (see the module docstring) into `run_dir`."""
         cfg, trainer, text = parse_recipe(tree, source, CrKDConfig)

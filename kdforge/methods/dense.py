@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kdforge.errors import ConfigError, KdforgeError
+from kdforge.errors import ConfigError
 from kdforge.methods.mtl_cskd import MTLCSKDRecipe, run_mtl_cskd
 from kdforge.registry import METHODS
 from kdforge.train.stages import parse_recipe
@@ -21,10 +21,6 @@ __all__ = ["DenseRecipe"]
 
 class DenseRecipe:
     """Registered entry for `method: dense` recipes."""
-
-    @classmethod
-    def build_module(cls, **_: Any) -> Any:
-        raise KdforgeError("dense recipes are task recipes: kdforge train configs/dense/multitask.yaml --out DIR")
 
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from kdforge.config import OptimConfig, ScheduleConfig
-from kdforge.errors import ConfigError, KdforgeError
+from kdforge.errors import ConfigError
 from kdforge.registry import METHODS
 from kdforge.tasks.common import LoopConfig
 from kdforge.train.stages import loop_settings, parse_recipe, run_stage
@@ -161,10 +161,6 @@ def run_detector(cfg: DetectorRecipe, run_dir: str | Path, trainer: Any = None,
 
 class Detector:
     """Registered entry for `method: detector` recipes."""
-
-    @classmethod
-    def build_module(cls, **_: Any) -> Any:
-        raise KdforgeError("detector recipes are task recipes: kdforge train configs/detection/fcos.yaml --out DIR")
 
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:

@@ -373,11 +373,6 @@ class IODWCBC:
     """Registered entry: a detection task recipe (`configs/methods/iod_wcbc.yaml`)."""
 
     @classmethod
-    def build_module(cls, **_: Any) -> Any:
-        raise KdforgeError("iod_wcbc is a detection task recipe: kdforge train configs/methods/iod_wcbc.yaml "
-                           "--out runs/iod_wcbc")
-
-    @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
         cfg, trainer, text = parse_recipe(tree, source, IODRecipe)
         cfg.check(source)

@@ -557,13 +557,6 @@ class KD3:
     """Registry entry: KD³ is a data-free task recipe (teacher stage, then the web-pool student stage)."""
 
     @classmethod
-    def build_module(cls, **_: Any) -> Any:
-        raise KdforgeError(
-            "kd3 is a data-free task recipe with a top-level `method: kd3`, not a classification run config: "
-            "kdforge train configs/methods/kd3.yaml --out runs/kd3"
-        )
-
-    @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: str | Path) -> dict[str, Any]:
         """Run a `configs/methods/kd3.yaml` recipe into `run_dir` (see the module docstring)."""
         cfg, trainer, text = parse_recipe(tree, source, KD3Config)

@@ -279,13 +279,6 @@ class L2D:
     terms = staticmethod(l2d_terms)
 
     @classmethod
-    def build_module(cls, **_: Any) -> Any:
-        raise KdforgeError(
-            "l2d is multi-label: its recipes are task recipes with a top-level `method: l2d`; run "
-            "kdforge train configs/methods/l2d.yaml --out runs/l2d"
-        )
-
-    @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: str | Path) -> dict[str, Any]:
         """Run a `configs/methods/l2d.yaml` recipe into `run_dir` (see the module docstring)."""
         cfg, trainer, text = parse_recipe(tree, source, L2DConfig)

@@ -143,11 +143,6 @@ def check_args(a: MemKDArgs, source: str) -> None:
 
 class MemKD:
     @classmethod
-    def build_module(cls, **_: Any) -> Any:
-        raise KdforgeError("memkd is an anomaly-detection task recipe: "
-                           "kdforge train configs/methods/memkd.yaml --out runs/memkd")
-
-    @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
         cfg, trainer, text = parse_recipe(tree, source, MemKDRecipe)
         cfg.check(source, "memkd")

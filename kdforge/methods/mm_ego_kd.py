@@ -392,11 +392,6 @@ class MMEgoKD:
     """Registered entry for `method: mm_ego_kd` task recipes."""
 
     @classmethod
-    def build_module(cls, **_: Any) -> Any:
-        raise KdforgeError("mm_ego_kd is a multimodal video task recipe: "
-                           "kdforge train configs/methods/mm_ego_kd.yaml --out runs/mm_ego_kd")
-
-    @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
         cfg, trainer, text = parse_recipe(tree, source, MMEgoKDRecipe)
         cfg.check(source)

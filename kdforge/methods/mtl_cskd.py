@@ -50,7 +50,7 @@ from torch import Tensor
 
 from kdforge.config import OptimConfig, ScheduleConfig, to_dict
 from kdforge.distill.terms import Term
-from kdforge.errors import ConfigError, KdforgeError
+from kdforge.errors import ConfigError
 from kdforge.losses._common import paired
 from kdforge.losses.base import DistillLoss, Features, LossContext
 from kdforge.losses.cs import AXES, CSLoss, dense_distribution, match_size
@@ -295,11 +295,6 @@ def run_mtl_cskd(cfg: MTLCSKDRecipe, run_dir: str | Path, trainer: Any = None, c
 
 
 class MTLCSKD:
-    @classmethod
-    def build_module(cls, **_: Any) -> Any:
-        raise KdforgeError("mtl_cskd is a dense-prediction task recipe: "
-                           "kdforge train configs/methods/mtl_cskd.yaml --out runs/mtl_cskd")
-
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
         cfg, trainer, text = parse_recipe(tree, source, MTLCSKDRecipe)

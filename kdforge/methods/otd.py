@@ -603,13 +603,6 @@ class OTD:
     """Registry entry: OTD runs as a domain-adaptation task recipe (`kdforge.tasks.domain`)."""
 
     @classmethod
-    def build_module(cls, **_: Any) -> Any:
-        raise KdforgeError(
-            "otd is taxonomy-adaptive domain adaptation: its recipes are task recipes with a top-level "
-            "`method: otd`; run kdforge train configs/methods/otd.yaml --out runs/otd"
-        )
-
-    @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: str | Path) -> dict[str, Any]:
         """Run a `configs/methods/otd.yaml` recipe into `run_dir` (see the module docstring)."""
         cfg, trainer, text = parse_recipe(tree, source, OTDConfig)

@@ -161,10 +161,6 @@ class RD:
     """Registered entry for `method: rd` recipes."""
 
     @classmethod
-    def build_module(cls, **_: Any) -> Any:
-        raise KdforgeError("rd is an anomaly-detection task recipe: kdforge train configs/anomaly/rd.yaml --out DIR")
-
-    @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
         cfg, trainer, text = parse_recipe(tree, source, RDRecipe)
         cfg.check(source)

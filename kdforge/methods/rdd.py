@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from kdforge.distill.distiller import Step
-from kdforge.errors import ConfigError, KdforgeError
+from kdforge.errors import ConfigError
 from kdforge.losses.rdd import channel_softmax, inner_weights, rdd_losses, region_features
 from kdforge.registry import METHODS
 from kdforge.tasks.pointcloud.iou import bev_corners
@@ -237,11 +237,6 @@ def check_args(a: RDDArgs, source: str) -> None:
 
 
 class RDD:
-    @classmethod
-    def build_module(cls, **_: Any) -> Any:
-        raise KdforgeError("rdd is a point-cloud detection task recipe: kdforge train configs/methods/rdd.yaml "
-                           "--out runs/rdd")
-
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
         cfg, trainer, text = parse_recipe(tree, source, RDDRecipe)

@@ -294,10 +294,6 @@ class SDD:
     """Registered entry for `method: sdd` recipes."""
 
     @classmethod
-    def build_module(cls, **_: Any) -> Any:
-        raise KdforgeError("sdd is a generative task recipe: kdforge train configs/methods/sdd.yaml --out runs/sdd")
-
-    @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
         cfg, trainer, text = parse_recipe(tree, source, SDDRecipe)
         cfg.check(source)

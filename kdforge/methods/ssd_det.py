@@ -361,11 +361,6 @@ def run_ssd_det(cfg: SSDDetRecipe, run_dir: str | Path, trainer: Any = None, con
 
 class SSDDet:
     @classmethod
-    def build_module(cls, **_: Any) -> Any:
-        raise KdforgeError("ssd_det is a detection task recipe: kdforge train configs/methods/ssd_det.yaml "
-                           "--out runs/ssd_det")
-
-    @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
         cfg, trainer, text = parse_recipe(tree, source, SSDDetRecipe)
         cfg.check(source)

@@ -271,11 +271,6 @@ def _run_auto(cfg: TinyClipRecipe, run_dir: Path, trainer: Any, text: str, teach
 
 class TinyClip:
     @classmethod
-    def build_module(cls, **_: Any) -> Any:
-        raise KdforgeError("tinyclip is a vision-language task recipe: "
-                           "kdforge train configs/methods/tinyclip.yaml --out runs/tinyclip")
-
-    @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
         cfg, trainer, text = parse_recipe(tree, source, TinyClipRecipe)
         cfg.check(source)

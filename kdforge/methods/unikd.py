@@ -627,10 +627,6 @@ def run_unikd(cfg: UniKDRecipe, run_dir: str | Path, trainer: Any = None, config
 
 class UniKD:
     @classmethod
-    def build_module(cls, **_: Any) -> Any:
-        raise KdforgeError("unikd is a detection task recipe: kdforge train configs/methods/unikd.yaml --out DIR")
-
-    @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
         cfg, trainer, text = parse_recipe(tree, source, UniKDRecipe)
         cfg.check(source)

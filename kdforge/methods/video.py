@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kdforge.errors import ConfigError, KdforgeError
+from kdforge.errors import ConfigError
 from kdforge.methods.mm_ego_kd import MMEgoKDRecipe, run_mm_ego_kd
 from kdforge.registry import METHODS
 from kdforge.train.stages import parse_recipe
@@ -22,10 +22,6 @@ __all__ = ["VideoRecipe"]
 
 class VideoRecipe:
     """Registered entry for `method: video` recipes."""
-
-    @classmethod
-    def build_module(cls, **_: Any) -> Any:
-        raise KdforgeError("video recipes are task recipes: kdforge train configs/video/rgb_student.yaml --out DIR")
 
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:

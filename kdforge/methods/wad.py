@@ -390,13 +390,6 @@ class WAD:
     """Registered entry for `wad`: a task recipe (`kdforge train configs/methods/wad.yaml`)."""
 
     @classmethod
-    def build_module(cls, **_: Any) -> Any:
-        raise KdforgeError(
-            "wad is a task recipe, not a classification run config: "
-            "kdforge train configs/methods/wad.yaml --out runs/wad"
-        )
-
-    @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
         """Run a `configs/methods/wad.yaml` recipe into `run_dir` (see the module docstring)."""
         cfg, trainer, text = parse_recipe(tree, source, WADConfig)

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from kdforge.config import OptimConfig, ScheduleConfig
-from kdforge.errors import ConfigError, KdforgeError
+from kdforge.errors import ConfigError
 from kdforge.methods.clip import ClipRecipe, PairDataConfig, run_clip
 from kdforge.registry import METHODS
 from kdforge.tasks.common import LoopConfig
@@ -198,11 +198,6 @@ def run_zeroseg(cfg: ZeroSegRecipe, run_dir: str | Path, trainer: Any = None, co
 
 
 class ZeroSeg:
-    @classmethod
-    def build_module(cls, **_: Any) -> Any:
-        raise KdforgeError("zeroseg is a zero-shot segmentation task recipe: "
-                           "kdforge train configs/methods/zeroseg.yaml --out runs/zeroseg")
-
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
         cfg, trainer, text = parse_recipe(tree, source, ZeroSegRecipe)

@@ -134,6 +134,10 @@ def build_distiller(cfg: RunConfig, data: RunData) -> Distiller:
         import_methods()     # method modules register themselves on import
         factory = METHODS.get(cfg.method.name)
         build = getattr(factory, "build_module", None)
+        if build is None and hasattr(factory, "run_config"):
+            raise KdforgeError(f"method '{cfg.method.name}' is a task recipe, not a run config's method: write "
+                               f"`method: {cfg.method.name}` at the top of its recipe (configs/methods/ or the "
+                               "package's configs/) and run kdforge train RECIPE --out DIR")
         if build is None:
             raise KdforgeError(f"method '{cfg.method.name}' is not a training module; see its docs for "
                                "how to select it (e.g. optim.name=dot)")
