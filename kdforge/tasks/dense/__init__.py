@@ -5,9 +5,13 @@ depth, normals, boundaries and instances from one description; `DenseData` split
 user's image + mask/depth/normals/boundary PNG folders, Pillow, one-line errors), `models`
 (`MultiTaskNet`: UNet or FPN encoder-decoder with one head per task, feature taps per stage and
 per task output; teacher and student differ by width), `metrics` (mIoU, depth RMSE / abs-rel,
-mean normal angle, boundary F / ODS-F, the multi-task score; torchmetrics where it has the metric)
-and `task` (`DenseTask` on the one Trainer, `DenseDistiller`: the core Distiller for dict outputs,
-whose terms may read several task outputs at once; `draw` writes ground truth beside predictions).
-Recipes: `method: mtl_cskd` (kdforge/methods/mtl_cskd.py); its `mtl_cskd.beta: 0` form is the
-plain single-/multi-task baseline (configs/dense/).
+mean normal angle, boundary F / ODS-F, the multi-task score, harmonization MSE / fMSE / PSNR;
+torchmetrics where it has the metric), `composites` (harmonization composites: one instance re-lit
+against its real scene, and a loader for the iHarmony4 layout), `echo` (binaural echo spectrograms
+simulated from a scene's geometry, for audio-to-dense prediction), `zeroseg` (ZeroSeg's canvases,
+views and GroupViT student) and `task` (`DenseTask` on the one Trainer, `DenseDistiller`: the core
+Distiller for dict outputs, whose terms may read several task outputs at once; `draw` writes ground
+truth beside predictions).
+Recipes: `method: dense` (the single-/multi-task baselines, configs/dense/), `method: mtl_cskd` and
+`method: zeroseg` (kdforge/methods/).
 """

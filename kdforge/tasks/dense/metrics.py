@@ -126,3 +126,52 @@ def mtl_score(metrics: Mapping[str, float], baselines: Mapping[str, float],
         change = (metrics[key] - base) / abs(base)
         total += change if signs[key] else -change
     return 100.0 * total / len(baselines)
+
+
+# Image harmonization (iHarmony4 practice: per-image scores on 0..255 images, then the mean over images).
+
+
+def _harmony_inputs(name: str, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    if pred.shape != target.shape or pred.dim() != 4:
+        raise KdforgeError(f"{name}: need (N, C, H, W) predictions and targets of one shape, got "
+                           f"{tuple(pred.shape)} and {tuple(target.shape)}")
+    return pred.double(), target.double()
+
+
+def harmony_mse(pred: Tensor, target: Tensor) -> float:
+    """MSE on 0..255 images: the mean squared error of each image (over C, H, W), averaged over images."""
+    p, t = _harmony_inputs("harmony_mse", pred, target)
+    return float(((p - t) ** 2).mean(dim=(1, 2, 3)).mean())
+
+
+def harmony_psnr(pred: Tensor, target: Tensor) -> float:
+    """PSNR (dB) on 0..255 images: 10 log10(255^2 / MSE) of each image, averaged over images (inf if one
+    image is exact). torchmetrics' PSNR with dim=(1, 2, 3); without dim it would pool the whole batch."""
+    tmf = require_torchmetrics()
+    p, t = _harmony_inputs("harmony_psnr", pred, target)
+    return float(tmf.image.peak_signal_noise_ratio(p, t, data_range=255.0, reduction="elementwise_mean", dim=(1, 2, 3)))
+
+
+def harmony_fmse(pred: Tensor, target: Tensor, mask: Tensor) -> float:
+    """Foreground MSE: per image, the squared error summed over the mask's pixels (channel mean per pixel)
+    divided by the mask's pixel count; averaged over images (DoveNet / iSSAM's fMSE)."""
+    p, t = _harmony_inputs("harmony_fmse", pred, target)
+    m = mask.reshape(p.shape[0], 1, *p.shape[2:]) if mask.numel() == p.shape[0] * p.shape[2] * p.shape[3] else None
+    if m is None or not bool(((m == 0) | (m == 1)).all()):
+        raise KdforgeError(f"harmony_fmse: need a 0/1 mask of {p.shape[0]} x {p.shape[2]} x {p.shape[3]} pixels, "
+                           f"got shape {tuple(mask.shape)}" + ("" if m is None else " with other values"))
+    m = m.double()
+    area = m.sum(dim=(1, 2, 3))
+    if bool((area == 0).any()):
+        raise KdforgeError(f"harmony_fmse: image {int((area == 0).nonzero()[0])} has an empty foreground mask")
+    per_image = (((p - t) ** 2).mean(dim=1, keepdim=True) * m).sum(dim=(1, 2, 3)) / area
+    return float(per_image.mean())
+
+
+def harmony_metrics(pred: Tensor, target: Tensor, mask: Tensor) -> dict[str, float]:
+    """{'mse', 'fmse', 'psnr'} of harmonized images against the real ones (see the functions above)."""
+    return {"mse": harmony_mse(pred, target), "fmse": harmony_fmse(pred, target, mask),
+            "psnr": harmony_psnr(pred, target)}
+
+
+__all__ += ["harmony_fmse", "harmony_metrics", "harmony_mse", "harmony_psnr"]
