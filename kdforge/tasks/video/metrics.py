@@ -32,7 +32,7 @@ def top1(logits: Tensor, target: Tensor) -> float:
 def calibration_error(logits: Tensor, target: Tensor, bins: int = 15) -> float:
     """Expected calibration error (L1, `bins` equal-width confidence bins) of softmax(logits), in %."""
     _check(logits, target)
-    tm = require("torchmetrics.classification", "dense", "expected calibration error (torchmetrics)")
+    tm = require("torchmetrics.classification", "video", "expected calibration error (torchmetrics)")
     metric = tm.MulticlassCalibrationError(num_classes=logits.shape[1], n_bins=bins, norm="l1")
     return 100.0 * float(metric(logits.double().softmax(1).cpu(), target.cpu()))
 
