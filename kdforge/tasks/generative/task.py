@@ -36,6 +36,28 @@ def _to(device: torch.device, *xs: Tensor) -> tuple[Tensor, ...]:
 # --------------------------------------------------------------------------------------- DDPM
 
 
+class _BarTask(Task):
+    """What the three stages share: one process, the training bars, seeded batches of `batch_size`."""
+
+    ddp_note = _ONE_PROCESS
+
+    def __init__(self, module: nn.Module, train: BarData, batch_size: int, seed: int) -> None:
+        self.module, self.train, self.batch_size, self.seed = module, train, batch_size, seed
+        self.device = torch.device("cpu")
+
+    def build(self, device: torch.device, env: DistEnv) -> nn.Module:
+        self.device = device
+        return self.module.to(device)
+
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.train) // self.batch_size)
+
+    def step_index(self, epoch: int, step: int, stream: int) -> tuple[int, Tensor]:
+        """(global step k, the training indices of batch k in this stage's `stream`)."""
+        k = epoch * self.steps_per_epoch() + step
+        return k, stream_batch(len(self.train), self.batch_size, k, self.seed, stream)
+
+
 class DDPMModule(TaskModule):
     """A class-conditional UNet trained to predict the noise of x_t (epsilon objective)."""
 
@@ -59,7 +81,7 @@ class DDPMModule(TaskModule):
         return Step(outputs=pred.detach(), losses={"ddpm": loss}, groups={"ddpm": "task"})
 
 
-class DDPMTask(Task):
+class DDPMTask(_BarTask):
     """Train the UNet on all bars; labels dropped to the null class with `label_dropout` (classifier-free guidance).
 
     Result: the noise-prediction MSE on the test images (seeded t and noise) and, when a `judge`
@@ -67,27 +89,17 @@ class DDPMTask(Task):
     """
 
     name = "ddpm"
-    ddp_note = _ONE_PROCESS
 
     def __init__(self, module: DDPMModule, train: BarData, test: BarData, batch_size: int, seed: int,
                  classes: int, label_dropout: float, judge: nn.Module | None = None, sample_scale: float = 3.0,
                  sample_steps: int = 50, num_samples: int = 64) -> None:
-        self.module, self.train, self.test = module, train, test
-        self.batch_size, self.seed, self.classes, self.label_dropout = batch_size, seed, classes, label_dropout
+        super().__init__(module, train, batch_size, seed)
+        self.test, self.classes, self.label_dropout = test, classes, label_dropout
         self.judge, self.sample_scale = judge, sample_scale
         self.sample_steps, self.num_samples = sample_steps, num_samples
-        self.device = torch.device("cpu")
-
-    def build(self, device: torch.device, env: DistEnv) -> nn.Module:
-        self.device = device
-        return self.module.to(device)
-
-    def steps_per_epoch(self) -> int:
-        return max(1, len(self.train) // self.batch_size)
 
     def batch(self, epoch: int, step: int, env: DistEnv) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        k = epoch * self.steps_per_epoch() + step
-        idx = stream_batch(len(self.train), self.batch_size, k, self.seed, 31)
+        k, idx = self.step_index(epoch, step, 31)
         g = seeded_generator(self.seed, 32, k)
         steps = self.module.scheduler.config.num_train_timesteps
         t = torch.randint(steps, (len(idx),), generator=g)
@@ -172,28 +184,18 @@ class ClassifierModule(TaskModule):
         return Step(outputs=logits, losses={"ce": F.cross_entropy(logits, y)}, groups={"ce": "task"})
 
 
-class ClassifierTask(Task):
+class ClassifierTask(_BarTask):
     """The attribute classifier (cross-entropy on the bars, Gaussian pixel noise `noise` as augmentation)."""
 
     name = "attribute_classifier"
-    ddp_note = _ONE_PROCESS
 
     def __init__(self, net: nn.Module, train: BarData, test: BarData, batch_size: int, seed: int,
                  noise: float = 0.1) -> None:
-        self.module = ClassifierModule(net)
-        self.train, self.test, self.batch_size, self.seed, self.noise = train, test, batch_size, seed, noise
-        self.device = torch.device("cpu")
-
-    def build(self, device: torch.device, env: DistEnv) -> nn.Module:
-        self.device = device
-        return self.module.to(device)
-
-    def steps_per_epoch(self) -> int:
-        return max(1, len(self.train) // self.batch_size)
+        super().__init__(ClassifierModule(net), train, batch_size, seed)
+        self.test, self.noise = test, noise
 
     def batch(self, epoch: int, step: int, env: DistEnv) -> tuple[Tensor, Tensor]:
-        k = epoch * self.steps_per_epoch() + step
-        idx = stream_batch(len(self.train), self.batch_size, k, self.seed, 51)
+        k, idx = self.step_index(epoch, step, 51)
         x = self.train.images[idx]
         x = x + self.noise * torch.randn(x.shape, generator=seeded_generator(self.seed, 52, k))
         return _to(self.device, x, self.train.labels[idx])
@@ -244,29 +246,19 @@ class ManipulatorModule(TaskModule):
         return Step(outputs=y.detach(), losses=losses, groups={"sds": "distill", "reg": "task"})
 
 
-class ManipulatorTask(Task):
+class ManipulatorTask(_BarTask):
     """Train the manipulator on source-attribute images under SDS at timesteps drawn from `candidates`."""
 
     name = "sdd_manipulator"
-    ddp_note = _ONE_PROCESS
 
     def __init__(self, module: ManipulatorModule, train: BarData, splits: dict[str, BarData], candidates: list[int],
                  batch_size: int, seed: int, extra_result: dict[str, Any] | None = None) -> None:
-        self.module, self.train, self.splits, self.candidates = module, train, splits, candidates
-        self.batch_size, self.seed = batch_size, seed
+        super().__init__(module, train, batch_size, seed)
+        self.splits, self.candidates = splits, candidates
         self.extra_result = dict(extra_result or {})
-        self.device = torch.device("cpu")
-
-    def build(self, device: torch.device, env: DistEnv) -> nn.Module:
-        self.device = device
-        return self.module.to(device)
-
-    def steps_per_epoch(self) -> int:
-        return max(1, len(self.train) // self.batch_size)
 
     def batch(self, epoch: int, step: int, env: DistEnv) -> tuple[Tensor, Tensor, Tensor]:
-        k = epoch * self.steps_per_epoch() + step
-        idx = stream_batch(len(self.train), self.batch_size, k, self.seed, 41)
+        k, idx = self.step_index(epoch, step, 41)
         g = seeded_generator(self.seed, 42, k)
         t = sample_timesteps(self.candidates, len(idx), g)
         noise = torch.randn(self.train.images[idx].shape, generator=g)
