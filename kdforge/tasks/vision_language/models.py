@@ -18,7 +18,7 @@ from kdforge.errors import ConfigError, KdforgeError
 from kdforge.tasks.vision_language import require_transformers
 
 __all__ = ["MEAN", "STD", "ClipModelConfig", "TowerSpec", "build_clip", "count_parameters", "encode_images",
-           "encode_texts", "load_clip", "logit_scale", "pixels"]
+           "encode_texts", "load_clip", "load_local_pretrained", "logit_scale", "pixels"]
 
 MEAN, STD = 0.5, 0.25      # pixel normalisation of the procedural images
 
@@ -68,8 +68,11 @@ def build_clip(cfg: ClipModelConfig, vocab_size: int, image_size: int,
     return transformers.CLIPModel(config)
 
 
-def load_clip(local_dir: str | Path) -> nn.Module:
-    """A user's saved CLIP from a local directory (never a hub name: nothing downloads)."""
+def load_local_pretrained(local_dir: str | Path, class_name: str, model_type: str, what: str) -> nn.Module:
+    """`transformers.<class_name>.from_pretrained(local_dir)` for a user's saved model, never a hub name.
+
+    One line when the directory holds no config.json, another model type (`model_type` expected) or
+    weights transformers cannot load; nothing is downloaded."""
     transformers = require_transformers()
     path = Path(local_dir)
     if not (path / "config.json").is_file():
@@ -79,14 +82,19 @@ def load_clip(local_dir: str | Path) -> nn.Module:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:        # noqa: BLE001 (transformers raises many kinds)
         raise KdforgeError(f"cannot read {path / 'config.json'}: {str(exc).splitlines()[0]}") from None
-    if getattr(config, "model_type", None) != "clip":
+    if getattr(config, "model_type", None) != model_type:
         raise KdforgeError(f"model.local_dir {path} holds a {getattr(config, 'model_type', '?')!r} model, "
-                           "not a CLIP checkpoint")
+                           f"not {what}")
     transformers.utils.logging.disable_progress_bar()       # one bar per load clutters run logs
     try:
-        return transformers.CLIPModel.from_pretrained(str(path), local_files_only=True)
+        return getattr(transformers, class_name).from_pretrained(str(path), local_files_only=True)
     except Exception as exc:        # noqa: BLE001
-        raise KdforgeError(f"cannot load the CLIP in {path}: {str(exc).splitlines()[0]}") from None
+        raise KdforgeError(f"cannot load the {class_name} in {path}: {str(exc).splitlines()[0]}") from None
+
+
+def load_clip(local_dir: str | Path) -> nn.Module:
+    """A user's saved CLIP from a local directory (never a hub name: nothing downloads)."""
+    return load_local_pretrained(local_dir, "CLIPModel", "clip", "a CLIP checkpoint")
 
 
 def pixels(images_uint8: Tensor) -> Tensor:

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.tasks.vision_language import require_transformers
+from kdforge.tasks.vision_language.models import load_local_pretrained
 
 __all__ = ["PooledGrouping", "SegmentHead", "StudentSpec", "ZeroSegStudent", "build_groupvit", "build_student",
            "load_groupvit", "patchify"]
@@ -107,22 +108,7 @@ def build_groupvit(spec: StudentSpec, image_size: int) -> nn.Module:
 
 def load_groupvit(local_dir: str | Path) -> nn.Module:
     """A user's saved GroupViTVisionModel (never a hub name: nothing downloads)."""
-    transformers = require_transformers()
-    path = Path(local_dir)
-    if not (path / "config.json").is_file():
-        raise KdforgeError(f"model.local_dir {path} is not a saved model directory (no config.json)")
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:        # noqa: BLE001 (transformers raises many kinds)
-        raise KdforgeError(f"cannot read {path / 'config.json'}: {str(exc).splitlines()[0]}") from None
-    if getattr(config, "model_type", None) != "groupvit_vision_model":
-        raise KdforgeError(f"model.local_dir {path} holds a {getattr(config, 'model_type', '?')!r} model, not a "
-                           "GroupViTVisionModel")
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        return transformers.GroupViTVisionModel.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:        # noqa: BLE001
-        raise KdforgeError(f"cannot load the GroupViT in {path}: {str(exc).splitlines()[0]}") from None
+    return load_local_pretrained(local_dir, "GroupViTVisionModel", "groupvit_vision_model", "a GroupViTVisionModel")
 
 
 def patchify(images: Tensor, patch: int) -> Tensor:
