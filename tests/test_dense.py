@@ -241,6 +241,15 @@ def test_a_term_reads_several_task_outputs_of_both_models() -> None:
     assert seen["s"] == seen["t"] == [(2, 6, 16, 16), (2, 1, 16, 16)]
     assert set(step.losses) == {"semseg", "depth", "normals", "boundary", "probe"}
     assert step.groups["semseg"] == "task" and step.groups["probe"] == "distill"
+    # the core teacher execution options apply to dict outputs: bf16 forward, float32 (dict) outputs handed out
+    images = task.batch(0, 0, _OneProcess()).images
+    exact, _ = module._run_teacher("teacher", images)
+    module.set_teacher_execution(torch.bfloat16)
+    outputs, _ = module._run_teacher("teacher", images)
+    assert isinstance(outputs, dict) and set(outputs) == set(data.tasks)
+    assert all(v.dtype == torch.float32 and not v.is_inference() for v in outputs.values())
+    assert any(not torch.equal(outputs[k], exact[k]) for k in exact)       # it did run in bf16
+    assert all(torch.allclose(outputs[k], exact[k], atol=0.1, rtol=0.1) for k in exact)
 
 
 class _OneProcess:

@@ -11,7 +11,9 @@ Methods that need more than loss terms (several students, experts, EMA teachers.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +35,11 @@ class Batch:
     step: int = 0
     soft_target: Tensor | None = None                              # mixup / cutmix labels
     teacher_outputs: dict[str, dict[str, Tensor]] | None = None    # teacher_id -> tap -> tensor
+
+
+def _map_tensors(fn: Callable[[Tensor], Tensor], out: Any) -> Any:
+    """`fn` applied to a model output: a tensor, or each value of a dict of tensors (multi-task models)."""
+    return {k: fn(v) for k, v in out.items()} if isinstance(out, dict) else fn(out)
 
 
 @dataclass
@@ -167,16 +174,17 @@ class Distiller(nn.Module):
         self.teachers[tid].to(device)
         self.teacher_devices = {**self.teacher_devices, tid: device}
 
-    def _run_teacher(self, tid: str, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def _run_teacher(self, tid: str, images: Tensor) -> tuple[Any, dict[str, Tensor]]:
+        """(outputs, tapped features) of teacher `tid`; outputs are a tensor or a dict of tensors (dense tasks)."""
         tap = self._teacher_taps[tid]
         tap.clear()
         home, there = images.device, self.teacher_devices.get(tid)
         if there is not None and there != home:
             logits, feats = self._run_teacher_on(tid, images.to(there))
-            return logits.to(home), {k: v.to(home) for k, v in feats.items()}
+            return _map_tensors(lambda v: v.to(home), logits), {k: v.to(home) for k, v in feats.items()}
         return self._run_teacher_on(tid, images)
 
-    def _run_teacher_on(self, tid: str, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def _run_teacher_on(self, tid: str, images: Tensor) -> tuple[Any, dict[str, Tensor]]:
         tap = self._teacher_taps[tid]
         if self.teacher_channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -186,9 +194,9 @@ class Distiller(nn.Module):
             logits = self.teachers[tid](images)
         feats = tap.features
         if self.teacher_dtype is not None:      # the terms see float32 whatever the teacher ran in
-            logits, feats = logits.float(), {k: v.float() for k, v in feats.items()}
+            logits, feats = _map_tensors(Tensor.float, logits), {k: v.float() for k, v in feats.items()}
         # inference tensors cannot be saved for the student's backward: hand out normal copies
-        return logits.clone(), {k: v.clone() for k, v in feats.items()}
+        return _map_tensors(Tensor.clone, logits), {k: v.clone() for k, v in feats.items()}
 
     def needed_teachers(self) -> list[str]:
         """Ids of the teachers some term reads (the ones an online step must run)."""

@@ -82,14 +82,6 @@ class DenseDistiller(Distiller):
                     raise KdforgeError(f"teacher '{tid}' predicts {t_out[task].shape[1]} {task} channels but the "
                                        f"student predicts {s.shape[1]}; they must share the label space")
 
-    def _run_teacher(self, tid: str, images: Tensor) -> tuple[Any, dict[str, Tensor]]:
-        tap = self._teacher_taps[tid]
-        tap.clear()
-        with torch.inference_mode():
-            outputs = self.teachers[tid](images)
-        # inference tensors cannot be saved for the student's backward: hand out normal copies
-        return {k: v.clone() for k, v in outputs.items()}, {k: v.clone() for k, v in tap.features.items()}
-
     def forward(self, batch: Batch) -> Step:
         step = super().forward(batch)
         losses = task_losses(step.outputs, batch.target, self.task_weights, self.pos_weight)
