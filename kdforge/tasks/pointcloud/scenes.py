@@ -10,8 +10,9 @@ the same way. Every point carries a semantic label (`semantic_names(spec)`: grou
 categories, clutter).
 
 Boxes are (x, y, z, l, w, h, yaw) in metres / radians, z the box centre, yaw about +z from +x
-(the lidar frame KITTI boxes are converted into). The description keeps room for cameras and
-sequences (`cameras` is reserved; rendering comes later).
+(the lidar frame KITTI boxes are converted into). Clutter poles are vertical cylinders kept as
+(x, y, radius, height) in `Scene.clutter`, so cameras (`cameras.render_views`) see the same world the
+points sample; `SceneSpec.cameras` holds the rig (`cameras.CameraSpec` fields per camera).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class SceneSpec:
     ref_range: float = 6.0               # full point density up to this range, 1/r^2 beyond
     noise: float = 0.03                  # range noise (std, metres)
     dropout: float = 0.1                 # fraction of returns lost
-    cameras: list[dict] = field(default_factory=list)   # reserved for pinhole renderings (later)
+    cameras: list[dict] = field(default_factory=list)   # CameraSpec fields per camera (cameras.rig_from_spec)
 
     def check(self) -> None:
         unknown = [c for c in self.categories if c not in CATEGORIES]
@@ -75,6 +76,7 @@ class Scene:
     point_labels: Tensor     # (N,) long: index into semantic_names(spec)
     boxes: Tensor            # (M, 7) float32: x, y, z, l, w, h, yaw
     labels: Tensor           # (M,) long: index into spec.categories
+    clutter: Tensor = field(default_factory=lambda: torch.zeros(0, 4))   # (C, 4): x, y, radius, height of each pole
 
 
 def semantic_names(spec: SceneSpec) -> list[str]:
@@ -166,9 +168,11 @@ def make_scene(spec: SceneSpec, seed: int, index: int) -> Scene:
         chunks.append(pts)
         sem.append(torch.full((len(pts),), 1 + c, dtype=torch.long))
         inten.append((cs.intensity + 0.1 * torch.randn(len(pts), generator=g, dtype=torch.float64)).clamp(0, 1))
+    poles = []
     for _ in range(int(torch.randint(0, spec.clutter + 1, (1,), generator=g))):
         x, y = _uniform(g, -spec.extent + 1, spec.extent - 1, 2).tolist()
         r, h = float(_uniform(g, 0.15, 0.5)), float(_uniform(g, 1.0, 3.0))
+        poles.append((x, y, r, h))
         n = _count(g, 40 * h, math.hypot(x, y), spec)
         ang = math.atan2(-y, -x) + _uniform(g, -math.pi / 2, math.pi / 2, n)      # the half facing the sensor
         zz = -spec.sensor_height + h * torch.rand(n, generator=g, dtype=torch.float64)
@@ -190,7 +194,8 @@ def make_scene(spec: SceneSpec, seed: int, index: int) -> Scene:
     keep &= inside
     points = torch.cat([xyz[keep], intensity[keep, None]], 1).float()
     box_t = torch.stack(boxes).float() if boxes else torch.zeros(0, 7)
-    return Scene(points, labels[keep], box_t, torch.tensor(cats, dtype=torch.long))
+    clutter = torch.tensor(poles, dtype=torch.float32).reshape(-1, 4)
+    return Scene(points, labels[keep], box_t, torch.tensor(cats, dtype=torch.long), clutter)
 
 
 def procedural_scenes(spec: SceneSpec, count: int, seed: int, start: int = 0) -> list[Scene]:

@@ -136,7 +136,8 @@ class BEVRecipe:
 def _crop(scene: Scene, extent: float) -> Scene:
     keep = (scene.points[:, :2].abs() < extent).all(1)
     inside = (scene.boxes[:, :2].abs() < extent).all(1) if len(scene.boxes) else torch.zeros(0, dtype=torch.bool)
-    return Scene(scene.points[keep], scene.point_labels[keep], scene.boxes[inside], scene.labels[inside])
+    return Scene(scene.points[keep], scene.point_labels[keep], scene.boxes[inside], scene.labels[inside],
+                 scene.clutter)
 
 
 def load_scene_data(d: SceneDataConfig) -> tuple[list[Scene], list[Scene]]:
