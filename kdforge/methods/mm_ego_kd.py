@@ -26,7 +26,8 @@ teacher run instead of training one (its data and teacher settings must match). 
     seed: int                  # the student's initialisation, batch order and augmentation
     teacher_seed: int          # the teachers' (teacher i uses teacher_seed + i)
     data: ClipSpec             # kdforge.tasks.video.data: the scene, split sizes, holdout_fraction,
-                               # label_noise, seed
+                               # label_noise, seed; or format: folder + root: a user's clips
+                               # (kdforge.tasks.video.folders: frames, flow u/v frames, audio.wav)
     teachers: [rgb, flow, audio]   # the ensemble (modalities, or fusion)
     fusion: [rgb, flow, audio]     # the fusion teacher's modalities
     teacher_model: {width, norm}   # every teacher's ClipNet width and normalisation (batch | group)
@@ -66,6 +67,7 @@ from kdforge.errors import ConfigError, KdforgeError
 from kdforge.registry import METHODS
 from kdforge.tasks.common import LoopConfig
 from kdforge.tasks.video.data import MODALITIES, ClipData, ClipSpec, procedural_clips, split_holdout
+from kdforge.tasks.video.folders import load_clip_folder
 from kdforge.tasks.video.metrics import calibration_error, top1
 from kdforge.tasks.video.models import clip_model, cost
 from kdforge.tasks.video.task import ClipBatch, ClipModule, ClipTask, clip_logits
@@ -273,6 +275,12 @@ class MMEgoKDRecipe:
 
 
 def _splits(cfg: MMEgoKDRecipe) -> tuple[ClipData, ClipData, ClipData]:
+    if cfg.data.format == "folder":
+        d = cfg.data
+        used = [m for m in MODALITIES if m in (*cfg.teachers, *cfg.fusion, cfg.student.modality)
+                or ("fusion" in cfg.teachers and m in cfg.fusion)]
+        return tuple(load_clip_folder(d.root, s, d.verbs, d.nouns, d.frames, d.size, d.audio_bins, d.audio_steps,
+                                      d.flow_bound, used) for s in ("train", "val", "test"))
     return tuple(procedural_clips(cfg.data, s) for s in ("train", "val", "test"))
 
 

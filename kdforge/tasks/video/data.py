@@ -41,7 +41,12 @@ _DIRECTIONS = ((0.0, 1.0), (0.0, -1.0), (1.0, 0.0), (-1.0, 0.0), (0.7071, 0.7071
 
 @dataclass
 class ClipSpec:
-    """What the procedural scene looks like (the recipe's `data` section)."""
+    """What the procedural scene looks like (the recipe's `data` section), or where a user's clips are.
+
+    With `format: folder` the clips come from `root` (kdforge.tasks.video.folders); `verbs` and
+    `nouns` are then the data set's class counts and `frames`, `size`, `audio_bins`, `audio_steps`
+    the shapes clips are sampled to; the scene and split-size fields are unused.
+    """
 
     verbs: int = 4
     nouns: int = 3
@@ -64,13 +69,22 @@ class ClipSpec:
     num_test: int = 600
     holdout_fraction: float = 0.3
     seed: int = 0
+    format: str = "procedural"    # procedural | folder (a user's clips: kdforge.tasks.video.folders)
+    root: str = ""                # folder: root with train.csv / val.csv / test.csv and one folder per clip
+    flow_bound: float = 20.0      # folder: the displacement (px) that 8-bit flow value 255 stands for
 
     @property
     def num_classes(self) -> int:
         return self.verbs * self.nouns
 
     def check(self, where: str = "data") -> None:
-        if not 1 <= self.verbs <= len(_DIRECTIONS):
+        if self.format not in ("procedural", "folder"):
+            raise ConfigError(f"{where}.format must be procedural or folder, got {self.format!r}")
+        if self.format == "folder" and not self.root:
+            raise ConfigError(f"{where}.root must name the clip folder when {where}.format is folder")
+        if self.flow_bound <= 0:
+            raise ConfigError(f"{where}.flow_bound must be > 0, got {self.flow_bound}")
+        if self.format == "procedural" and not 1 <= self.verbs <= len(_DIRECTIONS):
             raise ConfigError(f"{where}.verbs must be in 1..{len(_DIRECTIONS)}, got {self.verbs}")
         if self.nouns < 1 or self.num_classes < 2:
             raise ConfigError(f"{where}: need nouns >= 1 and verbs * nouns >= 2, got {self.verbs} x {self.nouns}")
