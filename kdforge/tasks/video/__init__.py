@@ -2,6 +2,7 @@
 
 `data` (one scene description rendered per modality, each modality carrying part of the label;
 train / val / test streams, the teachers' part and the held-out part of the training split),
+`folders` (a user's EPIC-style clip folders: frames, flow u / v frames, WAV audio, split CSVs),
 `models` (a small conv `ClipNet` per modality, the late-fusion `FusionNet`, FLOPs and parameter
 counts), `metrics` (top-1, ECE via torchmetrics, reliability bins) and `task` (the clip Task on the
 one Trainer, with identically augmented modalities). Recipe: `method: mm_ego_kd`
