@@ -14,6 +14,7 @@ from kdforge.tasks.pointcloud.cameras import (
     point_pixels,
     render_views,
     rig_from_spec,
+    visibility,
 )
 from kdforge.tasks.pointcloud.geometry import project, unproject
 from kdforge.tasks.pointcloud.scenes import Scene, SceneSpec, make_scene
@@ -83,6 +84,11 @@ def test_point_visibility_and_labels_on_a_procedural_scene():
     assert visible.float().mean() > 0.7                 # six cameras all round see most returns
     seen = mv.semantic[view, uv[:, 1], uv[:, 0]]
     assert (seen[visible] == scene.point_labels[visible]).float().mean() > 0.9
+    uv_all, seen_all = visibility(scene.points, mv)
+    assert torch.equal(seen_all.any(0), visible) and (seen_all.sum(0) >= 2).any()   # neighbouring cameras overlap
+    for i in torch.nonzero(seen_all.sum(0) >= 2).flatten()[:20].tolist():
+        first = int(seen_all[:, i].float().argmax())
+        assert view[i] == first and torch.equal(uv[i], uv_all[first, i])
 
 
 def test_occluded_points_are_not_visible():

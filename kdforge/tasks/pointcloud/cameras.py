@@ -16,8 +16,9 @@ Cameras (`CameraSpec`) sit in the lidar frame: yaw of the optical axis about +z 
 downwards, a position, a horizontal field of view and an image size. `intrinsics` / `extrinsics`
 give K and the camera-from-lidar T in OpenCV convention (x right, y down, z forward), exactly what
 `geometry.project` / `geometry.unproject` take; pixel (col, row) covers [col, col + 1) x [row, row + 1).
-`point_pixels` tells which lidar points each camera actually sees (a z-buffer test against the
-rendered depth), so 2D features can be back-projected onto visible points only.
+`visibility` tells which lidar points each camera actually sees (a z-buffer test against the
+rendered depth), so 2D features can be back-projected onto visible points only (averaged over the
+views that see a point); `point_pixels` gives the first view that sees each point.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from kdforge.tasks.pointcloud.geometry import project
 from kdforge.tasks.pointcloud.scenes import Scene, SceneSpec
 
 __all__ = ["CameraSpec", "MultiView", "camera_rig", "extrinsics", "intrinsics", "point_pixels", "render_views",
-           "rig_from_spec"]
+           "rig_from_spec", "visibility"]
 
 _CATEGORY_COLOURS = {"car": (0.78, 0.16, 0.14), "pedestrian": (0.20, 0.36, 0.82), "cyclist": (0.88, 0.72, 0.12)}
 _FALLBACK_COLOUR = (0.6, 0.3, 0.7)
@@ -260,31 +261,39 @@ def render_views(scene: Scene, cams: list[CameraSpec], spec: SceneSpec, seed: in
                      torch.stack([extrinsics(c) for c in cams]))
 
 
-def point_pixels(points: Tensor, views: MultiView, tolerance: float = 0.3) -> tuple[Tensor, Tensor, Tensor]:
-    """Which pixel of which view sees each lidar point: (view (N,), uv (N, 2) as (col, row), visible (N,)).
+def visibility(points: Tensor, views: MultiView, tolerance: float = 0.3) -> tuple[Tensor, Tensor]:
+    """Every view's pixel of each lidar point and whether it sees it: (uv (V, N, 2) as (col, row), visible (V, N)).
 
     A point is visible in a view when it projects inside the image in front of the camera and no
     rendered surface lies more than `tolerance` metres in front of it in the pixel's 3x3
     neighbourhood (the farthest of the nine depths counts, so grazing ground, whose depth changes
     by metres within one pixel, is not mistaken for an occluder; an occluder's one-pixel rim may
-    leak). The first view (lowest index) that sees a point wins; unseen points get view 0, uv (0, 0).
+    leak). Use it to average a point's 2D features over all the views that see it.
     """
     if points.dim() != 2 or points.shape[1] < 3:
-        raise KdforgeError(f"point_pixels: points must be (N, >= 3), got {tuple(points.shape)}")
-    N = len(points)
+        raise KdforgeError(f"point visibility: points must be (N, >= 3), got {tuple(points.shape)}")
     V, H, W = views.depth.shape
     far = torch.where(views.depth > 0, views.depth, torch.full_like(views.depth, math.inf))
     far = F.max_pool2d(far[:, None], 3, stride=1, padding=1)[:, 0]
-    view = torch.zeros(N, dtype=torch.long)
-    uv = torch.zeros(N, 2, dtype=torch.long)
-    visible = torch.zeros(N, dtype=torch.bool)
+    uvs, seen = [], []
     for v in range(V):
         pix, depth = project(points[:, :3].float(), views.K[v], views.T[v])
         col, row = pix[:, 0].floor().long(), pix[:, 1].floor().long()
         inside = (depth > 1e-3) & (col >= 0) & (col < W) & (row >= 0) & (row < H)
         c, r = col.clamp(0, W - 1), row.clamp(0, H - 1)
-        seen = inside & (depth <= far[v, r, c] + tolerance) & ~visible
-        view[seen] = v
-        uv[seen] = torch.stack([c, r], 1)[seen]
-        visible |= seen
-    return view, uv, visible
+        ok = inside & (depth <= far[v, r, c] + tolerance)
+        uvs.append(torch.where(ok[:, None], torch.stack([c, r], 1), 0))
+        seen.append(ok)
+    return torch.stack(uvs), torch.stack(seen)
+
+
+def point_pixels(points: Tensor, views: MultiView, tolerance: float = 0.3) -> tuple[Tensor, Tensor, Tensor]:
+    """Which pixel of which view sees each lidar point: (view (N,), uv (N, 2) as (col, row), visible (N,)).
+
+    `visibility`'s test; the first view (lowest index) that sees a point wins; unseen points get
+    view 0, uv (0, 0).
+    """
+    uv, seen = visibility(points, views, tolerance)
+    visible = seen.any(0)
+    view = torch.where(visible, seen.float().argmax(0), 0)
+    return view, uv[view, torch.arange(len(view))], visible
