@@ -9,7 +9,10 @@
   is coarser or finer; the head (3x3 conv + ReLU) predicts per-class centre heatmaps (logits) and
   8 box channels per cell (dx, dy, z, log l, log w, log h, sin 2yaw, cos 2yaw: the heading modulo pi,
   which is all a box footprint and its IoU depend on, and all that points on the sensor-facing
-  faces can tell apart). Taps: `neck`, `heatmap`, `reg` (the output dict's keys).
+  faces can tell apart). Taps: `neck`, `heatmap`, `reg` (the output dict's keys). With
+  `feature_dim > 0` a separate branch (3x3 conv + ReLU + 1x1 conv on the neck) adds a per-cell
+  embedding `feature` (B, feature_dim, G, G) (upvl's distilled vision-language features); the
+  default 0 builds exactly the detector without it.
 * `centerpoint_targets` / `centerpoint_loss` / `decode`: Gaussian centre heatmaps (CenterNet radius
   at min overlap 0.1, radius >= 1 cell), the CornerNet focal loss + L1 box loss at centre cells
   (each normalised per scene by its object count, then averaged over scenes), and top-K peak
@@ -47,10 +50,13 @@ class DetectorConfig:
     stride: int = 2             # 1 | 2: the first block's stride
     head: int = 32              # head hidden channels
     z_range: list[float] = field(default_factory=lambda: [-3.0, 1.0])     # pillar height range (m)
+    feature_dim: int = 0        # > 0: a per-cell embedding head ("feature" output, e.g. distilled VL features)
 
     def check(self, where: str) -> None:
         if min(self.voxel, self.cell) <= 0 or min(self.pfn, self.width, self.head, self.depth) < 1:
             raise KdforgeError(f"{where}: need voxel, cell > 0 and pfn, width, head, depth >= 1")
+        if self.feature_dim < 0:
+            raise KdforgeError(f"{where}: feature_dim must be >= 0, got {self.feature_dim}")
         if self.stride not in (1, 2):
             raise KdforgeError(f"{where}: stride must be 1 or 2, got {self.stride}")
         if len(self.z_range) != 2 or self.z_range[1] <= self.z_range[0]:
@@ -114,13 +120,20 @@ class BEVDetector(nn.Module):
         self.heatmap = nn.Conv2d(cfg.head, num_classes, 1)
         self.reg = nn.Conv2d(cfg.head, REG_CHANNELS, 1)
         nn.init.constant_(self.heatmap.bias, -math.log((1 - 0.1) / 0.1))      # prior 0.1 (CenterPoint)
+        self.feature_dim = cfg.feature_dim
+        if cfg.feature_dim > 0:        # its own branch (3x3 conv + ReLU + 1x1), so it does not share the box head's
+            self.feature = nn.Sequential(nn.Conv2d(cfg.width, cfg.head, 3, 1, 1), nn.ReLU(),
+                                         nn.Conv2d(cfg.head, cfg.feature_dim, 1))
 
     def forward(self, points: Tensor, batch: Tensor, batch_size: int) -> dict[str, Tensor]:
         x = self.backbone(self.encoder(points, batch, batch_size))
         if x.shape[-1] != self.grid:
             x = F.interpolate(x, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
         h = self.shared(x)
-        return {"neck": x, "heatmap": self.heatmap(h), "reg": self.reg(h)}
+        out = {"neck": x, "heatmap": self.heatmap(h), "reg": self.reg(h)}
+        if self.feature_dim > 0:
+            out["feature"] = self.feature(x)
+        return out
 
 
 def build_detector(num_classes: int, extent: float, cfg: DetectorConfig) -> BEVDetector:
