@@ -79,8 +79,9 @@ def test_surfaces_beyond_max_range_are_silent():
     assert received_signals(wall(2.5), cfg).abs().max() > 0
 
 
-def naive_signals(rendered: dict, cfg: EchoConfig) -> np.ndarray:
-    """Per-pixel, per-microphone loop in float64: the echo of every surface point, one at a time."""
+def naive_signals(rendered: dict, cfg: EchoConfig, signs: np.ndarray | None = None) -> np.ndarray:
+    """Per-pixel, per-microphone loop in float64: the echo of every surface point, one at a time
+    (`signs` (H * W,): a diffuse surface's per-pixel sign, the amplitudes then scaled by sqrt(H W) / (H W))."""
     depth, normals = rendered["depth"].double().numpy(), rendered["normals"].double().numpy()
     h, w = depth.shape
     pulse = reference_chirp(cfg)
@@ -104,6 +105,8 @@ def naive_signals(rendered: dict, cfg: EchoConfig) -> np.ndarray:
                 cos_mic = max(0.0, float(facing @ ((p - mic) / r2)))
                 gain = 1 - cfg.directivity + cfg.directivity * cos_mic
                 a = cos_in * gain / (r1 * r2) / (h * w)
+                if signs is not None:
+                    a *= signs[i * w + j] * math.sqrt(h * w)
                 delay = (r1 + r2) / cfg.speed_of_sound * cfg.sample_rate
                 out[c] += a * np.interp(t - delay, np.arange(pulse.size), pulse, left=0.0, right=0.0)
     return out
@@ -120,6 +123,33 @@ def test_vectorised_signals_match_a_naive_per_pixel_loop():
     assert got.shape == want.shape
     assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
     assert not np.allclose(got[0], got[2], atol=1e-3 * np.abs(want).max())
+
+
+def test_diffuse_scatter_matches_the_loop_with_seeded_signs_and_does_not_cancel():
+    from kdforge.tasks.base import seeded_generator
+
+    scene = Scene(objects=[SceneObject("sphere", (0.3, 0.6), 0.25, 0.0, 1.4, 1.0, (1.0, 0.0, 0.0))],
+                  floor=(3.0, 1.5, 0.4))
+    rendered = render(scene, 8)
+    cfg = EchoConfig(noise=0.0, scatter="diffuse")
+    signs = torch.randint(0, 2, (64,), generator=seeded_generator(4, 89, 0)).double().numpy() * 2 - 1
+    got = received_signals(rendered, cfg, seed=4).double().numpy()
+    want = naive_signals(rendered, cfg, signs)
+    assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+    assert not np.allclose(got, received_signals(rendered, cfg, seed=5).double().numpy())
+    # scene i of a batch draws its signs from (seed, i), whatever the chunking
+    many = render_all([scene, Scene(floor=(2.5, 1.0, -0.3))], 8)
+    assert torch.allclose(received_signals(many, cfg, seed=4, chunk=1), received_signals(many, cfg, seed=4),
+                          atol=1e-7)
+    assert torch.allclose(received_signals(many, cfg, seed=4)[0], torch.from_numpy(got).float(), atol=1e-7)
+    # a large receding plane mostly cancels when coherent, not when diffuse; the diffuse level (mean power over
+    # seeds) does not depend on the resolution
+    plane = {n: render(Scene(floor=(2.0, 2.0, 0.0)), n) for n in (16, 32)}
+    coherent = received_signals(plane[32], EchoConfig(noise=0.0)).pow(2).sum()
+    power = {n: torch.stack([received_signals(plane[n], cfg, seed=k).pow(2).sum() for k in range(8)]).mean()
+             for n in (16, 32)}
+    assert power[32] > 20 * coherent
+    assert float(power[16] / power[32]) == pytest.approx(1.0, rel=0.3)
 
 
 def off_centre(x: float, relief: float = 0.8) -> dict:
@@ -185,6 +215,7 @@ def test_seeded_and_shapes():
     ("sample_rate", 0), ("f_low", -1.0), ("f_low", 8000.0), ("f_high", 9000.0), ("chirp_s", 0.0),
     ("max_range", 0.0), ("speed_of_sound", -1.0), ("channels", 0), ("mic_spacing", -0.1), ("mic_angle", 120.0),
     ("directivity", 1.5), ("focal", 0.0), ("noise", -1.0), ("n_fft", 4), ("hop", 0), ("hop", 128), ("log_eps", 0.0),
+    ("scatter", "rough"),
 ])
 def test_bad_config_values_are_one_line_errors(field, value):
     with pytest.raises(KdforgeError) as err:

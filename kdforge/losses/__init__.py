@@ -13,6 +13,7 @@ from kdforge.losses.crd import CRDLoss, crd_nce_loss, sample_negatives
 from kdforge.losses.cs import CSLoss, cs_divergence, cs_inter, cs_intra
 from kdforge.losses.dkd import DKDLoss, dkd_loss, dkd_parts
 from kdforge.losses.fitnet import FitNetLoss, fitnet_loss
+from kdforge.losses.giftnet import relation_distill_loss
 from kdforge.losses.iod_wcbc import distance_matrix_kd, semantic_guided_feature_kd
 from kdforge.losses.kd import KDLoss, kd_loss
 from kdforge.losses.l2d import L2DLEDLoss, L2DMLDLoss, l2d_led_loss, l2d_mld_loss
@@ -20,6 +21,7 @@ from kdforge.losses.memkd import memorisation_loss, orthogonality_loss
 from kdforge.losses.pkt import PKTLoss, pkt_loss
 from kdforge.losses.rdd import rdd_losses
 from kdforge.losses.rkd import RKDLoss, rkd_loss
+from kdforge.losses.sam_audio import loose_triplet_feature_kd
 from kdforge.losses.sp import SPLoss, similarity_matrix, sp_loss
 from kdforge.losses.tinyclip import affinity_mimicking_loss, clip_contrastive_loss
 from kdforge.losses.zeroseg import multiscale_global_l1, segment_matching_l1
@@ -35,5 +37,7 @@ __all__ = [
     "LossContext", "PKTLoss", "RKDLoss", "SPLoss", "Shape", "at_loss", "attention_map", "ce_loss",
     "crd_nce_loss", "dkd_loss", "dkd_parts", "fitnet_loss", "kd_loss", "pkt_loss", "rkd_loss",
     "sample_negatives", "similarity_matrix", "soft_ce_loss", "sp_loss",
+    "relation_distill_loss",
     "CSLoss", "cs_divergence", "cs_inter", "cs_intra", "rdd_losses", "multiscale_global_l1", "segment_matching_l1",
+    "loose_triplet_feature_kd",
 ]

@@ -21,6 +21,8 @@ frames): a shape unlike the image's, as the student of a cross-modal method expe
 The sum is coherent (smooth, specular surfaces): a large surface spread over many delays mostly
 cancels inside the chirp's band, so its echo comes from its nearest part and its edges, and a
 coarse pixel grid adds faint spurious echoes (~20 dB below the main ones at 32 px).
+`scatter: diffuse` models rough surfaces instead: each pixel's echo gets a seeded random sign, so
+the echoes add in power (incoherently) and every surface is heard over its whole range of delays.
 
 Units: scene units are metres (image side = 1 unit at depth 1 for `focal` = 1). Pinhole camera:
 pixel (u, v) in [0, 1] looks along ((u - 0.5) / focal, (v - 0.5) / focal, 1); rendered depth is
@@ -45,6 +47,9 @@ __all__ = ["EchoConfig", "EchoData", "chirp", "echo_spectrograms", "microphone_p
            "received_signals", "surface_points"]
 
 
+SCATTER = ("coherent", "diffuse")
+
+
 @dataclass
 class EchoConfig:
     """Emitter, microphones and spectrogram settings (defaults: 2 x 33 x 39 spectrograms, surfaces up to 6 m)."""
@@ -64,6 +69,7 @@ class EchoConfig:
     n_fft: int = 64
     hop: int = 16
     log_eps: float = 1e-6              # spectrogram = log(|STFT| + log_eps)
+    scatter: str = "coherent"          # coherent (specular sum) | diffuse (seeded random sign per pixel)
 
     def __post_init__(self) -> None:
         checks = [
@@ -83,6 +89,7 @@ class EchoConfig:
             ("n_fft", isinstance(self.n_fft, int) and self.n_fft >= 8, "an integer >= 8"),
             ("hop", isinstance(self.hop, int) and 1 <= self.hop <= self.n_fft, f"an integer in [1, {self.n_fft}]"),
             ("log_eps", self.log_eps > 0, "> 0"),
+            ("scatter", self.scatter in SCATTER, f"one of {', '.join(SCATTER)}"),
         ]
         for name, ok, need in checks:
             if not ok:
@@ -165,8 +172,14 @@ def _geometry(rendered: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, bool]:
     return depth, normals, single
 
 
-def _impulse_responses(depth: Tensor, normals: Tensor, cfg: EchoConfig) -> Tensor:
-    """(N, C, num_samples): every pixel's echo amplitude at its fractional delay (linear interpolation)."""
+def _impulse_responses(depth: Tensor, normals: Tensor, cfg: EchoConfig, seed: int = 0, first_scene: int = 0) -> Tensor:
+    """(N, C, num_samples): every pixel's echo amplitude at its fractional delay (linear interpolation).
+
+    `scatter: diffuse` gives every pixel a seeded random sign (phase 0 or pi; scene i of the batch
+    by (seed, first_scene + i), the same for every microphone) and scales the amplitudes by
+    sqrt(pixel count) instead of the count: the echoes then add in power, not in amplitude, so the
+    expected power of a surface's echo is its area's sum of squared amplitudes over the pixel
+    count, independent of the resolution, and large surfaces no longer cancel."""
     n, h, w = depth.shape
     points = surface_points(depth, cfg.focal).reshape(n, 1, h * w, 3)           # (N, 1, P, 3)
     r_emit = points.norm(dim=-1)                                                 # (N, 1, P)
@@ -181,6 +194,10 @@ def _impulse_responses(depth: Tensor, normals: Tensor, cfg: EchoConfig) -> Tenso
     gain = (1 - cfg.directivity) + cfg.directivity * cos_mic.clamp_min(0.0)
     valid = (depth.reshape(n, 1, h * w) > 0) & (r_emit <= cfg.max_range)
     amp = torch.where(valid, cos_in.clamp_min(0.0) * gain / (r_emit * r_mic).clamp_min(1e-9), 0.0) / (h * w)
+    if cfg.scatter == "diffuse":
+        signs = torch.stack([torch.randint(0, 2, (h * w,), generator=seeded_generator(seed, 89, first_scene + i))
+                             for i in range(n)]).float().mul_(2).sub_(1)
+        amp = amp * signs.view(n, 1, h * w) * math.sqrt(h * w)
     length = cfg.num_samples
     delay = (r_emit + r_mic) / cfg.speed_of_sound * cfg.sample_rate             # samples, (N, C, P)
     delay = torch.where(valid, delay, 0.0).clamp(0, length - 2)                  # valid delays are < length - chirp
@@ -198,11 +215,12 @@ def received_signals(rendered: Mapping[str, Tensor], cfg: EchoConfig | None = No
     """The microphones' recordings (N, C, num_samples) (or (C, num_samples) for one scene), noise included.
 
     Vectorised over microphones and pixels (scenes in chunks of `chunk`, to bound memory): the
-    impulse response is convolved with the chirp by FFT; scene i's noise is seeded by (seed, i).
+    impulse response is convolved with the chirp by FFT; scene i's noise is seeded by (seed, i)
+    (and its diffuse signs, with `scatter: diffuse`, by (seed, i) too, in another stream).
     """
     cfg = cfg or EchoConfig()
     depth, normals, single = _geometry(rendered)
-    response = torch.cat([_impulse_responses(depth[k:k + chunk], normals[k:k + chunk], cfg)
+    response = torch.cat([_impulse_responses(depth[k:k + chunk], normals[k:k + chunk], cfg, seed, k)
                           for k in range(0, depth.shape[0], max(chunk, 1))])
     length = cfg.num_samples
     pulse = chirp(cfg)
