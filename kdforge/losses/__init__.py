@@ -11,6 +11,7 @@ from kdforge.losses.bckd import bckd_cls_loss, bckd_loc_loss, bckd_location_weig
 from kdforge.losses.ce import CELoss, ce_loss, soft_ce_loss
 from kdforge.losses.crd import CRDLoss, crd_nce_loss, sample_negatives
 from kdforge.losses.cs import CSLoss, cs_divergence, cs_inter, cs_intra
+from kdforge.losses.distillbev import distillbev_terms
 from kdforge.losses.dkd import DKDLoss, dkd_loss, dkd_parts
 from kdforge.losses.fitnet import FitNetLoss, fitnet_loss
 from kdforge.losses.giftnet import relation_distill_loss
@@ -39,5 +40,5 @@ __all__ = [
     "sample_negatives", "similarity_matrix", "soft_ce_loss", "sp_loss",
     "relation_distill_loss",
     "CSLoss", "cs_divergence", "cs_inter", "cs_intra", "rdd_losses", "multiscale_global_l1", "segment_matching_l1",
-    "loose_triplet_feature_kd",
+    "loose_triplet_feature_kd", "distillbev_terms",
 ]

@@ -379,8 +379,13 @@ def _teacher_identity(cfg: BEVRecipe) -> dict[str, Any]:
 
 def run_bev(cfg: BEVRecipe, schema: type, run_dir: str | Path, trainer: Any, config_text: str,
             make_module: Callable[[BEVDetector, BEVDetector | None], BEVDetectorModule], needs_teacher: bool,
-            method: str) -> dict[str, Any]:
-    """Teacher stage (trained, reused from `teacher.run`, or skipped when not needed), then the student."""
+            method: str, build_student: Callable[[], nn.Module] | None = None,
+            make_task: Callable[..., BEVDetectionTask] | None = None) -> dict[str, Any]:
+    """Teacher stage (trained, reused from `teacher.run`, or skipped when not needed), then the student.
+
+    `build_student` (default: the LiDAR detector of `cfg.model`) and `make_task` (default: `BEVDetectionTask`, same
+    arguments) let a method train another kind of student on the same data, e.g. a camera student
+    (`camera_bev`)."""
     from kdforge.extras import require
     from kdforge.train.stages import loop_settings, reuse_stage, run_stage
 
@@ -409,7 +414,8 @@ def run_bev(cfg: BEVRecipe, schema: type, run_dir: str | Path, trainer: Any, con
         teacher = stage.module.eval_model()
         extra = {f"teacher_{k}": v for k, v in stage.result.items() if k.startswith("test_") and k != "test_scenes"}
     torch.manual_seed(cfg.seed)
-    student = build_detector(len(names), extent, cfg.model)
+    student = build_detector(len(names), extent, cfg.model) if build_student is None else build_student()
     module = make_module(student, teacher)
-    task = BEVDetectionTask(module, train, test, names, extent, cfg.train.batch_size, cfg.seed, cfg.eval, extra)
+    task = (make_task or BEVDetectionTask)(module, train, test, names, extent, cfg.train.batch_size, cfg.seed,
+                                           cfg.eval, extra)
     return run_stage(run_dir, None, loop_settings(cfg.train, cfg.seed, trainer), task, config_text).result
