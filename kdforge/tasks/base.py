@@ -30,7 +30,8 @@ from kdforge.distill.distiller import Step
 from kdforge.errors import KdforgeError
 from kdforge.train.distributed import DistEnv
 
-__all__ = ["Task", "TaskModule", "rank_share", "seeded_generator", "stream_batch", "top1_counts", "top1_rate"]
+__all__ = ["SampledTask", "Task", "TaskModule", "rank_share", "seeded_generator", "stream_batch", "top1_counts",
+           "top1_rate"]
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
@@ -127,6 +128,26 @@ class Task:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             raise KdforgeError(f"task '{self.name}' keeps no state but the checkpoint holds some")
+
+
+class SampledTask(Task):
+    """A task whose training batches are seeded draws of positions into `self.train`.
+
+    Batch k = epoch * steps_per_epoch + step is `stream_batch(len(self.train), batch_size, k, seed,
+    stream)` (shuffled passes, the remainder dropped), split over DDP ranks by `rank_share`. A
+    subclass sets `stream` (its seed stream's salt, fixed so earlier runs replay exactly) and the
+    attributes `train`, `batch_size` and `seed`, and builds its batch from `batch_index(...)`.
+    """
+
+    stream = 17
+
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.train) // self.batch_size)
+
+    def batch_index(self, epoch: int, step: int, env: DistEnv) -> Tensor:
+        """This process's positions into `self.train` for training batch (epoch, step)."""
+        k = epoch * self.steps_per_epoch() + step
+        return rank_share(stream_batch(len(self.train), self.batch_size, k, self.seed, self.stream), env)
 
 
 class TaskModule(nn.Module):

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from kdforge.distill.distiller import Step
 from kdforge.tasks.anomaly.data import AnomalyData
 from kdforge.tasks.anomaly.metrics import anomaly_map, auroc, cosine_distance, gaussian_blur, region_errors
-from kdforge.tasks.base import Task, TaskModule, rank_share, stream_batch
+from kdforge.tasks.base import SampledTask, TaskModule
 from kdforge.train.distributed import DistEnv
 
 __all__ = ["AnomalyBatch", "AnomalyTask", "RDModule", "normalise", "rd_loss"]
@@ -68,7 +68,7 @@ class RDModule(TaskModule):
         return Step(outputs=s[-1].detach(), losses=losses, groups={k: "distill" for k in losses})
 
 
-class AnomalyTask(Task):
+class AnomalyTask(SampledTask):
     name = "anomaly"
 
     def __init__(self, module: RDModule, train: AnomalyData, test: AnomalyData, batch_size: int, seed: int = 0,
@@ -83,12 +83,8 @@ class AnomalyTask(Task):
         self.device = device
         return self.module.to(device)
 
-    def steps_per_epoch(self) -> int:
-        return max(1, len(self.train) // self.batch_size)
-
     def batch(self, epoch: int, step: int, env: DistEnv) -> AnomalyBatch:
-        k = epoch * self.steps_per_epoch() + step
-        idx = rank_share(stream_batch(len(self.train), self.batch_size, k, self.seed, 17), env)
+        idx = self.batch_index(epoch, step, env)
         return AnomalyBatch(normalise(self.train.images[idx]).to(self.device), idx.to(self.device))
 
     @torch.no_grad()

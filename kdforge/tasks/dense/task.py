@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from kdforge.distill.distiller import Batch, Distiller, Step
 from kdforge.distill.terms import Term
 from kdforge.errors import KdforgeError
-from kdforge.tasks.base import Task, rank_share, seeded_generator, stream_batch
+from kdforge.tasks.base import SampledTask, seeded_generator
 from kdforge.tasks.dense.metrics import depth_errors, miou, mtl_score, normal_angle_error, ods_f
 from kdforge.tasks.dense.scenes import IGNORE, DenseData
 from kdforge.train.distributed import DistEnv
@@ -121,7 +121,7 @@ def dense_metrics(outputs: Mapping[str, Tensor], data: DenseData, tolerance: int
     return out
 
 
-class DenseTask(Task):
+class DenseTask(SampledTask):
     """A (multi-task) dense student trained on `train`, optionally distilled from a frozen teacher by `terms`."""
 
     name = "dense"
@@ -152,12 +152,9 @@ class DenseTask(Task):
         module.setup(normalise(self.train.images[:2]), len(self.train))
         return module.to(device)
 
-    def steps_per_epoch(self) -> int:
-        return max(1, len(self.train) // self.batch_size)
-
     def batch(self, epoch: int, step: int, env: DistEnv) -> Batch:
         k = epoch * self.steps_per_epoch() + step
-        idx = rank_share(stream_batch(len(self.train), self.batch_size, k, self.seed, 17), env)
+        idx = self.batch_index(epoch, step, env)
         images = self.train.images[idx]
         targets = {t: self.train.targets[t][idx] for t in self.tasks}
         if self.flip:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from kdforge.distill.distiller import Step
-from kdforge.tasks.base import Task, TaskModule, rank_share, stream_batch
+from kdforge.tasks.base import SampledTask, TaskModule
 from kdforge.tasks.detection.augment import augment_batch, view_params
 from kdforge.tasks.detection.boxes import xywh_to_xyxy
 from kdforge.tasks.detection.coco import CocoData
@@ -112,7 +112,9 @@ class DetectorModule(TaskModule):
                     extras={"raw": out})
 
 
-class DetectionTask(Task):
+class DetectionTask(SampledTask):
+
+    stream = 5
     name = "detection"
 
     def __init__(self, detector: nn.Module, train: DetectionData, test: DetectionData, batch_size: int, seed: int = 0,
@@ -130,12 +132,8 @@ class DetectionTask(Task):
         self.device = device
         return (self.module or DetectorModule(self.detector)).to(device)
 
-    def steps_per_epoch(self) -> int:
-        return max(1, len(self.train) // self.batch_size)
-
     def batch(self, epoch: int, step: int, env: DistEnv) -> DetectionBatch:
-        k = epoch * self.steps_per_epoch() + step
-        idx = rank_share(stream_batch(len(self.train), self.batch_size, k, self.seed, 5), env)
+        idx = self.batch_index(epoch, step, env)
         params = view_params(idx, epoch, self.seed, (self.size, self.size), self.size, self.scale_range, self.flip)
         x, boxes, labels, _ = augment_batch(self.train.images[idx].float() / 255,
                                             [self._targets[i][0] for i in idx.tolist()],

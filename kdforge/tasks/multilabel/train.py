@@ -25,7 +25,7 @@ from kdforge.losses._common import single
 from kdforge.losses.base import DistillLoss, Features, LossContext
 from kdforge.models.taps import FeatureTap
 from kdforge.registry import LOSSES
-from kdforge.tasks.base import Task, rank_share, stream_batch
+from kdforge.tasks.base import SampledTask
 from kdforge.tasks.common import augment_images, predict, prepare_images
 from kdforge.tasks.multilabel.data import MultiLabelData
 from kdforge.tasks.multilabel.metrics import per_class_average_precision
@@ -89,7 +89,7 @@ class AugmentSpec:
     flip: bool = True
 
 
-class MultiLabelTask(Task):
+class MultiLabelTask(SampledTask):
     """Multi-label training of a student (with optional frozen teacher) on a `MultiLabelData` split.
 
     Batch k of epoch e is `stream_batch(n, batch_size, e * steps + k, seed, 17)`; the crop/flip
@@ -124,9 +124,6 @@ class MultiLabelTask(Task):
                              len(self.train))
         return self.distiller.to(device)
 
-    def steps_per_epoch(self) -> int:
-        return max(1, len(self.train) // self.batch_size)
-
     def view(self, idx: Tensor, epoch: int) -> Tensor:
         a = self.augment
         return augment_images(self.train.images[idx], idx, epoch, self.aug_seed, self.train.mean, self.train.std,
@@ -139,13 +136,13 @@ class MultiLabelTask(Task):
                                                                       self.view, self.taps)}
 
     def batch(self, epoch: int, step: int, env: DistEnv) -> Batch:
-        steps = self.steps_per_epoch()
-        idx = rank_share(stream_batch(len(self.train), self.batch_size, epoch * steps + step, self.seed, 17), env)
+        idx = self.batch_index(epoch, step, env)
         cached = None
         if self.cache is not None:
             cached = {"teacher": {k: v[idx].to(self.device) for k, v in self.cache[epoch].items()}}
         return Batch(images=self.view(idx, epoch).to(self.device), target=self.train.targets[idx].to(self.device),
-                     index=idx.to(self.device), epoch=epoch, step=epoch * steps + step, teacher_outputs=cached)
+                     index=idx.to(self.device), epoch=epoch, step=epoch * self.steps_per_epoch() + step,
+                     teacher_outputs=cached)
 
     def evaluate(self, module: nn.Module, split: str, env: DistEnv, autocast: Any = None) -> dict[str, float]:
         data = {"train": self.train, "test": self.test, "val": self.val}.get(split)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from kdforge.config import OptimConfig, ScheduleConfig
 from kdforge.distill.distiller import Step
 from kdforge.errors import ConfigError, KdforgeError
-from kdforge.tasks.base import Task, TaskModule, rank_share, stream_batch
+from kdforge.tasks.base import SampledTask, TaskModule
 from kdforge.tasks.common import LoopConfig
 from kdforge.tasks.pointcloud.metrics import KITTI_IOU, detection_ap, match_scene
 from kdforge.tasks.pointcloud.models import (
@@ -235,7 +235,9 @@ class BEVDetectorModule(TaskModule):
         return {}
 
 
-class BEVDetectionTask(Task):
+class BEVDetectionTask(SampledTask):
+
+    stream = 31
     name = "pointcloud_bev"
 
     def __init__(self, module: BEVDetectorModule, train: list[Scene], test: list[Scene], class_names: list[str],
@@ -257,12 +259,8 @@ class BEVDetectionTask(Task):
             bind(self.train)
         return self.module.to(device)
 
-    def steps_per_epoch(self) -> int:
-        return max(1, len(self.train) // self.batch_size)
-
     def batch(self, epoch: int, step: int, env: DistEnv) -> BEVBatch:
-        k = epoch * self.steps_per_epoch() + step
-        idx = rank_share(stream_batch(len(self.train), self.batch_size, k, self.seed, 31), env)
+        idx = self.batch_index(epoch, step, env)
         points, batch = self.train.inputs(idx)
         d = self.device
         return BEVBatch(points.to(d), batch.to(d), len(idx), self.train.heat[idx].to(d), self.train.reg[idx].to(d),
