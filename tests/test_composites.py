@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import Tensor
 
 from kdforge.errors import KdforgeError
 from kdforge.tasks.base import seeded_generator
-from kdforge.tasks.dense.composites import load_iharmony4, procedural_composites, shift_foreground
+from kdforge.tasks.dense.composites import draw_illuminant, load_iharmony4, procedural_composites, shift_foreground
 from kdforge.tasks.dense.metrics import harmony_fmse, harmony_metrics, harmony_mse, harmony_psnr
 from kdforge.tasks.dense.scenes import render
 
@@ -185,3 +186,80 @@ def test_fmse_hand_worked_and_matches_the_iharmony_formula():
         harmony_fmse(pred, target, mask * 2)
     with pytest.raises(KdforgeError, match="one shape"):
         harmony_mse(pred, target[:1])
+
+
+# --- scene illuminant option (illuminant > 0) ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lit():
+    return procedural_composites(6, seed=3, size=32, illuminant=1.0, strength=0.0)
+
+
+def _ratio(lit_img: Tensor, base: Tensor, where: Tensor) -> Tensor:
+    """Per-channel mean ratio lit / base over `where` pixels that are neither clipped nor dark."""
+    out = []
+    for c in range(3):
+        ok = where & (lit_img[c] < 250) & (base[c] >= 40)
+        assert ok.sum() >= 10
+        out.append(lit_img[c][ok].double().mean() / base[c][ok].double().mean())
+    return torch.stack(out)
+
+
+def test_illuminant_background_carries_the_real_gain_and_foreground_another(lit):
+    assert lit.illuminants is not None and lit.illuminants.shape == (6, 2, 3)
+    for i, scene in enumerate(lit.scenes):
+        base = render(scene, 32)["image"]                           # the scene under white light
+        fg = lit.mask[i, 0].bool()
+        g_real, g_fg = lit.illuminants[i]
+        # the real image's background (and foreground) colour ratio to the white-light render is the drawn gain
+        assert torch.allclose(_ratio(lit.real[i], base, ~fg), g_real.double(), rtol=0.02)
+        assert torch.allclose(_ratio(lit.real[i], base, fg), g_real.double(), rtol=0.03)
+        # the composite's foreground is the object under the other illuminant; outside it, composite == real
+        assert torch.allclose(_ratio(lit.composite[i], base, fg), g_fg.double(), rtol=0.03)
+        assert torch.equal(lit.composite[i][:, ~fg], lit.real[i][:, ~fg])
+        assert (g_real - g_fg).abs().max() > 0.01
+        diff = (lit.real[i].float() - lit.composite[i].float()).abs()[:, fg].mean()
+        assert diff >= 3.0
+
+
+def test_illuminant_gains_span_brightness_and_colour_temperature():
+    g = seeded_generator(0)
+    gains = torch.stack([draw_illuminant(g) for _ in range(400)])
+    brightness = gains.prod(dim=1) ** (1 / 3)                    # exp(t) exp(-t) cancel: b exp(u / 3)
+    assert brightness.min() < 0.8 and brightness.max() > 1.1
+    warmth = 0.5 * torch.log(gains[:, 0] / gains[:, 2])          # t exactly
+    assert warmth.min() > -0.25 - 1e-6 and warmth.max() < 0.25 + 1e-6 and warmth.std() > 0.1
+    assert torch.allclose(draw_illuminant(seeded_generator(0), 0.0), torch.ones(3))
+
+
+def test_illuminant_bias_and_shift_on_top():
+    biased = procedural_composites(4, seed=5, size=32, illuminant=1.0, strength=0.0, bias=0.1)
+    for i, scene in enumerate(biased.scenes):
+        base = render(scene, 32)["image"].double() / 255
+        fg = biased.mask[i, 0].bool()
+        comp = biased.composite[i].double() / 255
+        gain_fg = biased.illuminants[i, 1].double().view(3, 1, 1)
+        offset = (comp - base * gain_fg)[:, fg]                    # one constant offset per channel (unclipped)
+        ok = (comp[:, fg] > 0.02) & (comp[:, fg] < 0.98)
+        for c in range(3):
+            vals = offset[c][ok[c]]
+            assert vals.abs().max() <= 0.1 + 1 / 255 and vals.max() - vals.min() <= 1.5 / 255
+        assert torch.equal(biased.composite[i][:, ~fg], biased.real[i][:, ~fg])
+    shifted = procedural_composites(4, seed=5, size=32, illuminant=1.0, strength=0.5)
+    plain = procedural_composites(4, seed=5, size=32, illuminant=1.0, strength=0.0)
+    # one shared generator: the first triplet is the same scene and illuminant; the shift re-lights its foreground
+    assert torch.equal(shifted.real[0], plain.real[0]) and torch.equal(shifted.illuminants[0], plain.illuminants[0])
+    assert not torch.equal(shifted.composite[0], plain.composite[0])
+    again = procedural_composites(4, seed=5, size=32, illuminant=1.0, strength=0.5)
+    assert torch.equal(shifted.composite, again.composite) and torch.equal(shifted.illuminants, again.illuminants)
+
+
+def test_illuminant_off_is_the_first_setting_and_bad_arguments_fail():
+    data = procedural_composites(3, seed=3, size=32)
+    assert data.illuminants is None
+    for i, scene in enumerate(data.scenes):
+        assert torch.equal(data.real[i], render(scene, 32)["image"])    # no illuminant: the plain render
+    for kwargs in ({"strength": 0.0}, {"bias": 0.1}, {"illuminant": -1.0}, {"illuminant": 1.0, "bias": -0.1}):
+        with pytest.raises(KdforgeError, match="illuminant"):
+            procedural_composites(2, seed=0, size=32, **kwargs)

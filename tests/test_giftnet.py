@@ -297,8 +297,24 @@ def test_bad_recipes_fail_in_one_line(tmp_path: Path, capsys) -> None:
                               ("giftnet.distance=l2", "distance must be one of"),
                               ("giftnet.lambda_rd=-1", "lambda_rd >= 0"),
                               ("data.size=20", "divisible by 8"),
-                              ("giftnet.transform_layers=[]", "needs giftnet.transform_layers")):
+                              ("giftnet.transform_layers=[]", "needs giftnet.transform_layers"),
+                              ("data.illuminant=-1", "data.illuminant and data.bias must be >= 0"),
+                              ("data.strength=0", "needs data.illuminant > 0"),
+                              ("data.bias=0.1", "needs data.illuminant > 0")):
         assert main(["train", str(RECIPE), *TINY, *override.split(), "--out", str(out)]) == 2, override
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
         assert not (out / "config.yaml").exists()
+
+
+def test_recipe_illuminant_reaches_the_composites() -> None:
+    from kdforge.methods.giftnet import GiftNetRecipe, HarmonyDataConfig, _data
+    from kdforge.tasks.dense.composites import procedural_composites
+
+    data = HarmonyDataConfig(size=16, num_train=3, num_test=2, seed=4, illuminant=0.7, strength=0.2, bias=0.05)
+    train, test, val = _data(GiftNetRecipe(data=data))
+    assert val is None and train.illuminants.shape == (3, 2, 3) and test.illuminants.shape == (2, 2, 3)
+    hand = procedural_composites(2, 4 * 3 + 1, 16, 1, 4, 0.2, 0.01, noise=0.02, illuminant=0.7, bias=0.05)
+    assert torch.equal(test.composite, hand.composite) and torch.equal(test.real, hand.real)
+    plain, _, _ = _data(GiftNetRecipe(data=HarmonyDataConfig(size=16, num_train=3, num_test=2, seed=4)))
+    assert plain.illuminants is None

@@ -35,8 +35,11 @@ Recipe schema (`configs/methods/giftnet.yaml`; `kdforge train configs/methods/gi
     method: giftnet
     seed: int                         # initialisation, batch order and flips
     data: {format: procedural | iharmony4, root, size, num_train, num_val, num_test, seed,
-           max_objects, strength, min_area, noise}
-                                      # procedural: kdforge.tasks.dense.composites.procedural_composites
+           max_objects, strength, min_area, noise, illuminant, bias}
+                                      # procedural: kdforge.tasks.dense.composites.procedural_composites;
+                                      #   illuminant > 0: real = scene under one global illuminant, the
+                                      #   composite's foreground under another (+ bias, + the shift at
+                                      #   strength, 0: none)
                                       # iharmony4: one sub-dataset folder (root), its _train / _test lists;
                                       #   num_train / num_test: the first n (0: all); num_val: the last
                                       #   num_val of the training list held out
@@ -76,7 +79,9 @@ class HarmonyDataConfig:
     num_test: int = 200
     seed: int = 0
     max_objects: int = 4
-    strength: float = 1.0            # procedural: scale of the re-lighting
+    strength: float = 1.0            # procedural: scale of the re-lighting (0: none; needs illuminant > 0)
+    illuminant: float = 0.0          # procedural: scale of the global scene illuminant (0: none, the first setting)
+    bias: float = 0.0                # procedural, illuminant > 0: max per-channel offset of the composite's fg
     min_area: float = 0.01           # procedural: smallest foreground (fraction of the image)
     noise: float = 0.02
 
@@ -136,8 +141,12 @@ class GiftNetRecipe:
                                                                   and min(d.num_train, d.num_test) < 1):
             raise ConfigError(f"{source}: data.num_train / num_test must be >= 1 (iharmony4: 0 = all) and "
                               f"num_val >= 0, got {d.num_train}, {d.num_test}, {d.num_val}")
-        if d.strength <= 0 or not 0 < d.min_area < 1:
-            raise ConfigError(f"{source}: data.strength must be > 0 and data.min_area in (0, 1)")
+        if d.strength < 0 or d.illuminant < 0 or d.bias < 0 or not 0 < d.min_area < 1:
+            raise ConfigError(f"{source}: data.strength, data.illuminant and data.bias must be >= 0 and "
+                              "data.min_area in (0, 1)")
+        if d.illuminant == 0 and (d.strength == 0 or d.bias > 0):
+            raise ConfigError(f"{source}: data.strength 0 or data.bias > 0 needs data.illuminant > 0 (a global "
+                              "scene illuminant; otherwise the composites are not re-lit)")
         levels = [f"enc{i + 1}" for i in range(m.depth)]
         bad = [x for x in [*a.layers, *(a.transform_layers if a.transform else [])] if x not in levels]
         if bad:
@@ -178,7 +187,7 @@ def _data(cfg: GiftNetRecipe) -> tuple[Any, Any, Any]:
         return train, test, val
     # disjoint streams of one data seed: train, test and validation never share a scene
     make = [procedural_composites(n, d.seed * 3 + k, d.size, 1, d.max_objects, d.strength, d.min_area,
-                                  noise=d.noise) if n > 0 else None
+                                  noise=d.noise, illuminant=d.illuminant, bias=d.bias) if n > 0 else None
             for k, n in enumerate((d.num_train, d.num_test, d.num_val))]
     return make[0], make[1], make[2]
 

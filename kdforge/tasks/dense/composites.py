@@ -6,6 +6,19 @@ picks one visible object instance as the foreground and re-lights only that inst
 contrast, brightness, colour temperature, hue rotation; all seeded), so the composite equals the
 real image outside the mask and differs inside it, as in iHarmony4's colour-transfer composites.
 
+Scene illuminant (`illuminant > 0`; default 0 = off, the behaviour above, bit for bit): the rendered
+scene is lit by a random global illuminant, a per-channel gain
+
+    G = b * (exp(t), exp(u), exp(-t)),   log b ~ U(-0.3, 0.2) s,  t ~ U(-0.25, 0.25) s,  u ~ U(-0.1, 0.1) s
+
+(brightness b, colour temperature t, green-magenta tint u; s = `illuminant`), and the real image is
+clip(render * G_real), so foreground and background share one illuminant and the (near-grey) floor
+shows it. The composite's foreground is the same object under a second, independently drawn
+illuminant G_fg (as when a foreground is cut from another photo): inside the mask clip(render * G_fg)
++ a per-channel offset ~ U(-`bias`, `bias`) (fraction of full scale; the card's gain + bias demo),
+then the appearance shift above at `strength` (0: none). Outside the mask composite == real. The
+drawn gains are kept in `HarmonizationData.illuminants` (N, 2, 3): [G_real, G_fg] per triplet.
+
 `load_iharmony4(root)` reads one iHarmony4 sub-dataset folder (HCOCO, HAdobe5k, HFlickr, Hday2night)::
 
     root/composite_images/<id>_<k>_<j>.jpg    composite j of foreground k of image <id>
@@ -28,7 +41,8 @@ from kdforge.tasks.base import seeded_generator
 from kdforge.tasks.dense.folders import _array, _open, _resize
 from kdforge.tasks.dense.scenes import Scene, render, sample_scene
 
-__all__ = ["HarmonizationData", "load_iharmony4", "pick_foreground", "procedural_composites", "shift_foreground"]
+__all__ = ["HarmonizationData", "draw_illuminant", "load_iharmony4", "pick_foreground", "procedural_composites",
+           "shift_foreground"]
 
 
 @dataclass
@@ -40,6 +54,7 @@ class HarmonizationData:
     mask: Tensor
     names: list[str] | None = None
     scenes: list[Scene] | None = None
+    illuminants: Tensor | None = None          # procedural with illuminant > 0: (N, 2, 3) [G_real, G_fg]
 
     def __len__(self) -> int:
         return int(self.real.shape[0])
@@ -75,6 +90,21 @@ def shift_foreground(image: Tensor, mask: Tensor, g: torch.Generator, strength: 
     return torch.where(inside, shifted, image)
 
 
+def draw_illuminant(g: torch.Generator, scale: float = 1.0) -> Tensor:
+    """A random global illuminant: the per-channel RGB gain (3,) of the module doc, `scale` = s."""
+    brightness = math.exp(scale * _u(g, -0.3, 0.2))
+    warmth, tint = scale * _u(g, -0.25, 0.25), scale * _u(g, -0.1, 0.1)
+    return brightness * torch.tensor([math.exp(warmth), math.exp(tint), math.exp(-warmth)])
+
+
+def _lit(image: Tensor, gain: Tensor, offset: Tensor | None = None) -> Tensor:
+    """uint8 `image` (3, H, W) times a per-channel `gain` (+ `offset`, fraction of full scale), clipped."""
+    y = image.float() / 255.0 * gain.view(3, 1, 1)
+    if offset is not None:
+        y = y + offset.view(3, 1, 1)
+    return (y.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def pick_foreground(instance: Tensor, g: torch.Generator, min_area: float = 0.01) -> int:
     """A random visible instance id covering at least `min_area` of the image (0 if none does)."""
     areas = torch.bincount(instance.flatten()) / instance.numel()
@@ -84,14 +114,17 @@ def pick_foreground(instance: Tensor, g: torch.Generator, min_area: float = 0.01
 
 def procedural_composites(count: int, seed: int, size: int = 64, min_objects: int = 1, max_objects: int = 4,
                           strength: float = 1.0, min_area: float = 0.01, min_change: float = 3.0,
-                          noise: float = 0.02) -> HarmonizationData:
+                          noise: float = 0.02, illuminant: float = 0.0, bias: float = 0.0) -> HarmonizationData:
     """`count` triplets, a pure function of the arguments. Scenes without a foreground of `min_area` are
-    skipped; a shift changing the foreground by less than `min_change` grey levels (mean) is redrawn."""
-    if count < 1 or not 1 <= min_objects <= max_objects or strength <= 0:
-        raise KdforgeError(f"procedural_composites: need count >= 1, 1 <= min_objects <= max_objects and "
-                           f"strength > 0, got {count}, {min_objects}, {max_objects}, {strength}")
+    skipped; a shift changing the foreground by less than `min_change` grey levels (mean) is redrawn.
+    `illuminant` > 0: a global scene illuminant, the foreground under another one (+ `bias`; module doc)."""
+    if (count < 1 or not 1 <= min_objects <= max_objects or strength < 0 or illuminant < 0 or bias < 0
+            or (strength == 0 and illuminant == 0) or (bias > 0 and illuminant == 0)):
+        raise KdforgeError(f"procedural_composites: need count >= 1, 1 <= min_objects <= max_objects, strength > 0 "
+                           f"(or >= 0 with illuminant > 0) and bias >= 0 only with illuminant > 0, got {count}, "
+                           f"{min_objects}, {max_objects}, strength {strength}, illuminant {illuminant}, bias {bias}")
     g = seeded_generator(seed, 43)
-    real, comp, masks, scenes = [], [], [], []
+    real, comp, masks, scenes, gains = [], [], [], [], []
     for attempt in range(50 * count):
         if len(real) == count:
             break
@@ -101,20 +134,31 @@ def procedural_composites(count: int, seed: int, size: int = 64, min_objects: in
         if fg == 0:
             continue
         mask = maps["instance"] == fg
+        image, source = maps["image"], maps["image"]
+        if illuminant > 0:
+            gain = draw_illuminant(g, illuminant)
+            image = _lit(maps["image"], gain)
         for _ in range(20):
-            shifted = shift_foreground(maps["image"], mask, g, strength)
-            if (shifted.float() - maps["image"].float())[:, mask].abs().mean() >= min_change:
+            if illuminant > 0:
+                gain_fg = draw_illuminant(g, illuminant)
+                offset = (torch.rand(3, generator=g) * 2 - 1) * bias if bias > 0 else None
+                source = torch.where(mask, _lit(maps["image"], gain_fg, offset), image)
+            shifted = shift_foreground(source, mask, g, strength) if strength > 0 else source
+            if (shifted.float() - image.float())[:, mask].abs().mean() >= min_change:
                 break
         else:
             continue
-        real.append(maps["image"])
+        if illuminant > 0:
+            gains.append(torch.stack([gain, gain_fg]))
+        real.append(image)
         comp.append(shifted)
         masks.append(mask[None].to(torch.uint8))
         scenes.append(scene)
     if len(real) < count:
         raise KdforgeError(f"procedural_composites: only {len(real)} of {count} scenes had a foreground of "
                            f"area >= {min_area} that a shift changes by >= {min_change} grey levels")
-    return HarmonizationData(torch.stack(real), torch.stack(comp), torch.stack(masks), scenes=scenes)
+    return HarmonizationData(torch.stack(real), torch.stack(comp), torch.stack(masks), scenes=scenes,
+                             illuminants=torch.stack(gains) if gains else None)
 
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
