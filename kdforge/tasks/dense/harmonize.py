@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from kdforge.distill.distiller import Step
 from kdforge.errors import KdforgeError
 from kdforge.losses.giftnet import relation_distill_loss, relation_gap
-from kdforge.tasks.base import Task, TaskModule, rank_share, seeded_generator, stream_batch
+from kdforge.tasks.base import SampledTask, TaskModule, seeded_generator
 from kdforge.tasks.dense.composites import HarmonizationData
 from kdforge.tasks.dense.metrics import harmony_fmse, harmony_metrics
 from kdforge.tasks.dense.models import Encoder, Head, UNetDecoder
@@ -249,7 +249,7 @@ def harmony_split_metrics(pred: Tensor, data: HarmonizationData) -> dict[str, fl
     return out
 
 
-class HarmonizationTask(Task):
+class HarmonizationTask(SampledTask):
     """Train a `HarmonizationModule` on composite triplets; harmonization metrics of a split."""
 
     name = "harmonization"
@@ -275,12 +275,9 @@ class HarmonizationTask(Task):
         self.device = device
         return self.module.to(device)
 
-    def steps_per_epoch(self) -> int:
-        return max(1, len(self.train) // self.batch_size)
-
     def batch(self, epoch: int, step: int, env: DistEnv) -> HarmonyBatch:
         k = epoch * self.steps_per_epoch() + step
-        idx = rank_share(stream_batch(len(self.train), self.batch_size, k, self.seed, 17), env)
+        idx = self.batch_index(epoch, step, env)
         comp, real, mask = self.train.composite[idx], self.train.real[idx], self.train.mask[idx]
         if self.flip:
             flip = torch.rand(len(idx), generator=seeded_generator(self.seed, 29, k)) < 0.5
