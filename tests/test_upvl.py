@@ -1,6 +1,8 @@
 """UP-VL: tracking, amodal box fitting, auto-labels (motion vs motion + semantics), the synthetic VL teacher, the
-masked feature loss and point sampling against hand computations, the detector's feature-head option, the recipe on
-the one Trainer (tiny run with the distilled stage, exact resume) and one-line config errors."""
+masked feature loss and point sampling against hand computations, the detector's feature-head option, the CLIP
+teacher (crop / caption builder, sliding-window dense map against encode_images of the same crop, zero-shot margin
+score), the recipe on the one Trainer (tiny run with the distilled stage, exact resume; a tiny clip-teacher run, its
+teacher reused and the prep cache keyed by it) and one-line config errors."""
 
 from __future__ import annotations
 
@@ -14,12 +16,16 @@ from recipe_checks import assert_resume_exact
 from kdforge.cli import main
 from kdforge.methods.upvl import (
     AutoLabelConfig,
+    ClipVL,
+    CropConfig,
     SyntheticVL,
     auto_label,
+    caption_crops,
     feature_loss,
     fit_box,
     gather_point_features,
     recall_flags,
+    semantic_score,
     track_clusters,
 )
 from kdforge.tasks.pointcloud.iou import bev_iou
@@ -32,7 +38,7 @@ RECIPE = ROOT / "configs/methods/upvl.yaml"
 TINY = ["data.num_train=4", "data.num_test=3", "data.max_objects=4", "upvl.sequence.frames=3",
         "model={voxel: 1.0, cell: 1.0, pfn: 4, width: 8, depth: 2, stride: 1, head: 8}", "train.epochs=2",
         "train.batch_size=2", "upvl.vl.cameras=[{yaw: 0.0, fov: 90.0, width: 48, height: 24}]", "upvl.cache=false",
-        "trainer.threads=1"]
+        "trainer.threads=1", "upvl.vl.kind=synthetic", "upvl.autolabel.sem_threshold=0.3"]
 
 
 def test_track_clusters_follows_constant_velocity_and_skips_distractors() -> None:
@@ -167,7 +173,12 @@ def test_upvl_recipe_distilled_stage_trains_and_resumes(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("override", "message"), [
     ("upvl.labels=semantic", "upvl.labels must be motion or motion_semantic"),
     ("upvl.semantics=lidar", "upvl.semantics must be projected or distilled"),
-    ("upvl.vl.kind=clip", "upvl.vl.kind must be synthetic"),
+    ("upvl.vl.kind=blip", "upvl.vl.kind must be synthetic (the card's stand-in) or clip"),
+    ("upvl.vl.run=/nowhere", "need upvl.vl.kind=clip"),
+    ("upvl.vl.kind=clip|upvl.vl.clip.stride=10", "must divide every camera's width and height"),
+    ("upvl.vl.kind=clip|upvl.vl.clip.window=7", "window and stride must be even"),
+    ("upvl.vl.kind=clip|upvl.vl.clip.crops.window_sides=[9]", "window_sides [lo, hi]"),
+    ("upvl.vl.kind=clip|upvl.vl.run=/nowhere", "no finished CLIP teacher there"),
     ("upvl.vl.cameras=[{yaw: 0.0, zoom: 2.0}]", "unknown field"),
     ("upvl.sequence.frames=2", "frames must be >= upvl.autolabel.min_frames"),
     ("upvl.sequence.speeds={car: [1.0, 2.0]}", "speeds"),
@@ -175,6 +186,103 @@ def test_upvl_recipe_distilled_stage_trains_and_resumes(tmp_path: Path) -> None:
     ("teacher_only=true", "upvl trains no detector teacher"),
 ])
 def test_bad_upvl_recipes_fail_in_one_line(tmp_path: Path, capsys, override: str, message: str) -> None:
-    assert main(["train", str(RECIPE), *TINY, override, "--out", str(tmp_path / "r")]) != 0
+    assert main(["train", str(RECIPE), *TINY, *override.split("|"), "--out", str(tmp_path / "r")]) != 0
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def _views(rgb: torch.Tensor, semantic: torch.Tensor, instance: torch.Tensor):
+    from kdforge.tasks.pointcloud.cameras import MultiView
+
+    V = rgb.shape[0]
+    return MultiView(rgb, torch.ones(semantic.shape), semantic, instance, torch.eye(3).expand(V, 3, 3),
+                     torch.eye(4).expand(V, 4, 4))
+
+
+def test_caption_crops_hand_case() -> None:
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.rand(1, 3, 24, 40, generator=g)
+    semantic = torch.zeros(1, 24, 40, dtype=torch.long)             # ground
+    semantic[0, :3] = -1                                            # sky rows 0-2
+    instance = torch.full((1, 24, 40), -1, dtype=torch.long)
+    instance[0, 10:14, 20:28] = 0                                   # a cyclist (category 2): rows 10-13, cols 20-27
+    semantic[0, 10:14, 20:28] = 3
+    cats = ["car", "pedestrian", "cyclist"]
+    crops = CropConfig(size=12, margin=0.5, min_side=4, min_pixels=4, windows=0)
+    images, captions, labels, squares = caption_crops(_views(rgb, semantic, instance), cats, crops, g)
+    # box 8 x 4 px centred at (col 24, row 12); side 1.5 * 8 = 12 -> the square cols 18-29, rows 6-17
+    assert squares.tolist() == [[0, 18, 6, 12]] and captions == ["a photo of a cyclist"] and labels.tolist() == [2]
+    assert torch.equal(images[0], (rgb[0, :, 6:18, 18:30] * 255).round().to(torch.uint8))     # no resize at 12 px
+    crops.windows, crops.window_sides = 3, [4, 10]
+    _, captions, labels, squares = caption_crops(_views(rgb, semantic, instance), cats, crops, g)
+    names = {-1: "sky", 0: "road", 3: "cyclist"}
+    assert len(captions) == 1 + 3 * 3                               # the object + 3 windows each of sky, road, cyclist
+    for (v, x0, y0, side), cap in zip(squares[1:].tolist(), captions[1:], strict=True):
+        centre = int(semantic[v, y0 + side // 2, x0 + side // 2])
+        assert 4 <= side <= 10 and cap.endswith(names[centre])
+    assert sorted(set(labels[1:].tolist())) == [2, 3, 5]            # cyclist, road, sky in crop_classes order
+
+
+def _tiny_clip(tmp_path: Path) -> Path:
+    from kdforge.methods.clip import save_model
+    from kdforge.methods.upvl import caption_vocabulary
+    from kdforge.tasks.vision_language.models import ClipModelConfig, TowerSpec, build_clip
+    from kdforge.tasks.vision_language.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    vocab = caption_vocabulary(["car", "pedestrian", "cyclist"])
+    cfg = ClipModelConfig(vision=TowerSpec(1, 16, 2, 32), text=TowerSpec(1, 16, 2, 32), patch_size=8, projection_dim=6,
+                          context_length=8)
+    save_model(build_clip(cfg, len(vocab), 16).eval(), build_tokenizer(vocab, 8), tmp_path / "clip")
+    return tmp_path / "clip"
+
+
+def test_clip_dense_map_window_equals_encode_images_of_its_crop(tmp_path: Path) -> None:
+    import torch.nn.functional as F
+
+    from kdforge.tasks.vision_language.models import encode_images, pixels
+
+    vl = ClipVL(_tiny_clip(tmp_path), ["car", "pedestrian", "cyclist"], window=8, stride=4)
+    rgb = torch.rand(2, 3, 12, 20, generator=torch.Generator().manual_seed(1))
+    dense = vl.dense_map(rgb)
+    assert dense.shape == (2, 6, 12, 20) and torch.allclose(dense.norm(dim=1), torch.ones(2, 12, 20), atol=1e-5)
+
+    def hand(v: int, row: int, col: int) -> torch.Tensor:     # pixel -> its 4 x 4 block -> the 8 x 8 window around it
+        r0, c0 = (row // 4) * 4 + 2 - 4, (col // 4) * 4 + 2 - 4
+        rows, cols = (torch.arange(r0, r0 + 8).clamp(0, 11)), (torch.arange(c0, c0 + 8).clamp(0, 19))
+        crop = rgb[v][:, rows][:, :, cols][None]
+        img = (F.interpolate(crop, size=(16, 16), mode="bilinear", align_corners=False) * 255).round().to(torch.uint8)
+        with torch.no_grad():
+            return F.normalize(encode_images(vl.clip, pixels(img))[0], dim=0)
+
+    for v, row, col in ((0, 5, 9), (1, 6, 11), (0, 0, 0), (1, 11, 19)):     # interior and (replicated) corners
+        assert torch.allclose(dense[v, :, row, col], hand(v, row, col), atol=1e-5)
+    assert torch.equal(dense[0, :, 4, 8], dense[0, :, 7, 11])              # one block, one window
+    text = vl.text([vl.prompt("car"), vl.prompt("ground"), vl.prompt("clutter")])
+    assert text.shape == (3, 6) and vl.prompt("ground") == "a photo of a road"
+    f = F.normalize(torch.randn(5, 6), dim=1)
+    margin = semantic_score(text[:1], text[1:])(f)
+    assert torch.allclose(margin, f @ text[0] - (f @ text[1:].T).max(1).values)
+
+
+def test_upvl_recipe_with_a_clip_teacher_trains_reuses_and_keys_the_cache(tmp_path: Path, monkeypatch) -> None:
+    import json
+
+    monkeypatch.setenv("KDFORGE_CACHE", str(tmp_path / "cache"))
+    clip = [o for o in TINY if o not in ("upvl.cache=false", "upvl.vl.kind=synthetic")] + [
+        "upvl.vl.kind=clip", "upvl.vl.clip.loop.epochs=1", "upvl.vl.clip.crops.num_val=2",
+        "upvl.vl.clip.crops.num_test=2", "upvl.semantics=projected", "upvl.autolabel.sem_threshold=0.0",
+        "upvl.vl.clip.model={vision: {layers: 1, width: 16, heads: 2, mlp: 32}, "
+        "text: {layers: 1, width: 16, heads: 2, mlp: 32}, patch_size: 8, projection_dim: 6, context_length: 8}"]
+    assert main(["train", str(RECIPE), *clip, "--out", str(tmp_path / "a")]) == 0
+    result = json.loads((tmp_path / "a/result.json").read_text())
+    assert (tmp_path / "a/stages/vl_teacher/model/config.json").is_file()
+    assert "vl_teacher_test_zeroshot_top1" in result and "test_static_recall" in result
+    assert main(["train", str(RECIPE), *clip, "upvl.vl.teacher_only=true", "upvl.vl.clip.seed=5",
+                 "--out", str(tmp_path / "t")]) == 0
+    assert (tmp_path / "t/model/config.json").is_file()
+    assert main(["train", str(RECIPE), *clip, f"upvl.vl.run={tmp_path / 'a'}", "--out", str(tmp_path / "b")]) == 0
+    again = json.loads((tmp_path / "b/result.json").read_text())
+    assert again["test_static_recall"] == result["test_static_recall"]     # the same teacher, the cached prep
+    assert main(["train", str(RECIPE), *clip, f"upvl.vl.run={tmp_path / 't'}", "--out", str(tmp_path / "c")]) == 0
+    assert len(list((tmp_path / "cache").rglob("prep-*.pt"))) == 2        # another teacher: another prep file

@@ -82,8 +82,9 @@ class VLModel:
     context_length: int
 
 
-def load_or_build(m: ClipModelConfig, image_size: int, where: str = "model") -> VLModel:
-    """The recipe's CLIP: loaded (with its tokenizer) from `local_dir`, else random init of its sizes."""
+def load_or_build(m: ClipModelConfig, image_size: int, where: str = "model", vocab: list[str] | None = None) -> VLModel:
+    """The recipe's CLIP: loaded (with its tokenizer) from `local_dir`, else random init of its sizes (over
+    `vocab`, default the procedural pairs' vocabulary)."""
     from kdforge.tasks.vision_language.data import vocabulary
     from kdforge.tasks.vision_language.models import build_clip, load_clip
     from kdforge.tasks.vision_language.tokenizer import build_tokenizer, load_tokenizer
@@ -96,7 +97,7 @@ def load_or_build(m: ClipModelConfig, image_size: int, where: str = "model") -> 
                                f"{clip.config.vision_config.image_size} px images, the data are {image_size} px")
         return VLModel(clip, tokenizer, min(m.context_length, clip.config.text_config.max_position_embeddings))
     m.check(where)
-    vocab = vocabulary()
+    vocab = vocabulary() if vocab is None else list(vocab)
     return VLModel(build_clip(m, len(vocab), image_size), build_tokenizer(vocab, m.context_length), m.context_length)
 
 
@@ -110,18 +111,27 @@ def save_model(clip: Any, tokenizer: Any, path: Path) -> None:
 
 
 def run_clip(cfg: ClipRecipe, run_dir: str | Path, trainer: Any = None, config_text: str = "",
-             stage: str | None = None) -> StageRun:
-    """Train a CLIP with InfoNCE into `run_dir` (or its stage `stage`), then save it to `<dir>/model`."""
+             stage: str | None = None, splits: dict[str, Any] | None = None, vocab: list[str] | None = None,
+             prompts: tuple[list[str], list[str]] | None = None) -> StageRun:
+    """Train a CLIP with InfoNCE into `run_dir` (or its stage `stage`), then save it to `<dir>/model`.
+
+    Another method's own image-caption data: `splits` (train / val / test `PairData`, replacing
+    `cfg.data`'s procedural pairs; images of `cfg.data.size` px), the `vocab` its captions use and the
+    zero-shot `prompts` (class names, prompts) its labels index."""
     from kdforge.tasks.vision_language import require_transformers
     from kdforge.tasks.vision_language.task import ClipModule, VisionLanguageTask
 
     require_transformers()
     cfg.train.check("train")
-    splits = make_splits(cfg.data)
+    splits = make_splits(cfg.data) if splits is None else splits
     torch.manual_seed(cfg.seed)
-    vl = load_or_build(cfg.model, cfg.data.size)
+    vl = load_or_build(cfg.model, cfg.data.size, vocab=vocab)
     task = VisionLanguageTask(ClipModule(vl.clip), splits, vl.tokenizer, vl.context_length, cfg.train.batch_size,
                               cfg.seed)
+    if prompts is not None:
+        from kdforge.tasks.vision_language.tokenizer import encode
+
+        task.class_names, task.prompts = list(prompts[0]), encode(vl.tokenizer, prompts[1], vl.context_length)
     out = run_stage(run_dir, stage, loop_settings(cfg.train, cfg.seed, trainer), task, config_text)
     if not out.stopped and not (out.run_dir / "model" / "config.json").is_file():
         save_model(out.module.eval_model(), vl.tokenizer, out.run_dir / "model")

@@ -9,10 +9,11 @@ No 3D human label is used. Two kinds of auto-supervision come from multi-modal s
                  centroids, constant-velocity prediction, gate); a track's velocity is the least-squares
                  slope of its centroids; |v| > v_min and |v| > motion_snr * its standard error (sparse far
                  clusters jitter) over >= min_frames frames -> a moving object
-    semantics    s(cluster) = mean_{p in cluster, p has a VL feature} cos(f(p), e_generic) over the key frame's
-                 points, e_generic = the normalised mean of the category prompts' text embeddings (a generic
-                 "traffic participant" prompt ensemble); s > sem_threshold with >= min_visible such points
-                 -> an object, parked or not
+    semantics    s(cluster) = mean_{p in cluster, p has a VL feature} s(p) over the key frame's points, with
+                 s(p) = cos(f(p), e_generic), e_generic = the normalised mean of the category prompts' text
+                 embeddings (a generic "traffic participant" prompt ensemble; synthetic teacher) or the
+                 zero-shot margin against background prompts (clip teacher, below); s > sem_threshold with
+                 >= min_visible such points -> an object, parked or not
     auto-labels  (a) `labels: motion`: moving tracks only (the paper's baseline, MI-UP-like);
                  (b) `labels: motion_semantic`: moving or semantic tracks (UP-VL)
     amodal box   a moving track's points of every frame moved back by -v * t * dt into the key frame
@@ -36,13 +37,28 @@ view); `semantics: distilled` (the card's "distilled or projected") first trains
 the projected feature where a camera sees it and the distilled h(p) elsewhere, so parked objects
 outside the cameras' view can be labelled too.
 
-The 2D vision-language teacher (`upvl.vl.kind`): `synthetic` is the card's stand-in: a fixed
-random unit "text" vector e_c per semantic class (ground, each category, clutter; dim D, seeded),
-and the dense "camera VLM" returns normalise(e_c + noise * n / sqrt(D)) for the class c the
-rendered view shows at the point's pixel (`cameras.render_views` semantic map, so occlusion and
-rim errors of the projection are real); the text tower is that table. No learned CLIP is used in
-this demo (a trained kdforge CLIP on rendered crops was the brief's first choice and was not
-built in the time available).
+The 2D vision-language teacher (`upvl.vl.kind`):
+
+* `clip` (the recipe's): kdforge's own small CLIP (`method: clip`'s InfoNCE training, `run_clip`)
+  trained as the stage `vl_teacher` (or reused: `upvl.vl.run`, a finished run's `<run>/model`;
+  `upvl.vl.teacher_only` trains only it) on image-caption pairs cut from the rendered camera views
+  of the TRAINING sequences' key frames (`caption_crops`): a square around every visible object's
+  instance-map bounding box (context margin) captioned "a photo of a <category>", plus random
+  windows captioned by their centre pixel's class ("a photo of a road / pole", "a photo of the
+  sky"), resized to the CLIP's 32 px input. The captions come from the renderer's semantic map, the
+  analogue of CLIP's web captions; the 3D student never sees a label. Zero-shot accuracy is
+  measured on crops of extra held-out scenes (never the 3D test split). Dense features: every
+  stride x stride pixel block of a view gets the (normalised) image embedding of the window x
+  window square centred on it (a sliding window, not MaskCLIP's patch tokens); prompts are
+  embedded by the same CLIP's text tower. Its cosines are offset (every crop is fairly close to
+  every category prompt), so the semantic score is the zero-shot margin
+  s(p) = max_q cos(f(p), e_q) - max_b cos(f(p), e_b) over the category prompts q and the
+  background prompts b (road, pole), sem_threshold on its cluster mean (set on the development draw).
+* `synthetic` (the card's stand-in): a fixed random unit "text" vector e_c per semantic class
+  (ground, each category, clutter; dim D, seeded), and the dense "camera VLM" returns
+  normalise(e_c + noise * n / sqrt(D)) for the class c the rendered view shows at the point's pixel
+  (`cameras.render_views` semantic map, so occlusion and rim errors of the projection are real);
+  the text tower is that table; semantic score cos(f, e_generic) as above.
 
 Evaluation on test sequences' key frames (GT boxes, never used in training; nothing selected on
 them): `static_recall` (main: the fraction of parked objects matched one-to-one by a detection
@@ -59,11 +75,13 @@ motion), so parked objects are never seen from new sides; the student trains on 
 per-category prompts evaluate (the card's circularity warning: the ensemble is built from the
 evaluation prompts); tracks are not kept beyond the key frame (no tracking metric); the
 `distilled` recipe trains two models (the stage `features`, then the final one), twice the
-training compute of the motion-only baseline. The run-independent data (VL targets, test
-visibility, the motion and projected auto-labels) is cached on disk (`upvl.cache`).
+training compute of the motion-only baseline (plus the CLIP teacher, shared by every arm). The
+run-independent data (VL targets, test visibility, the motion and projected auto-labels) is cached
+on disk (`upvl.cache`), keyed by its parameters and the VL teacher's weights hash.
 
 Recipe (`configs/methods/upvl.yaml`): the pointcloud `BEVRecipe` (data, model, train, eval, seed) plus
-`upvl: {labels, semantics, feature_weight, recall_score, iou, cache, sequence, vl, autolabel}`
+`upvl: {labels, semantics, feature_weight, recall_score, iou, cache, sequence, vl, autolabel}`,
+`vl: {kind, dim, noise, seed, cameras, clip: {model, loop, seed, crops, window, stride}, run, teacher_only}`
 (`semantics` only matters with `labels: motion_semantic`).
 """
 
@@ -78,17 +96,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdforge.config import OptimConfig, ScheduleConfig
 from kdforge.distill.distiller import Step
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.registry import METHODS
+from kdforge.tasks.common import LoopConfig
 from kdforge.tasks.pointcloud.models import BEVDetector, DetectorConfig, build_detector, centerpoint_loss
 from kdforge.tasks.pointcloud.scenes import Scene, SceneSpec, semantic_names
 from kdforge.tasks.pointcloud.sequences import MotionSpec, Sequence, make_sequence
 from kdforge.tasks.pointcloud.task import BEVBatch, BEVDetectionTask, BEVDetectorModule, BEVRecipe
+from kdforge.tasks.vision_language.models import ClipModelConfig, TowerSpec
 from kdforge.train.stages import loop_settings, parse_recipe, run_stage
 
-__all__ = ["AutoLabelConfig", "SequenceConfig", "SyntheticVL", "UPVLArgs", "UPVLModule", "UPVLRecipe", "UPVLTask",
-           "VLConfig", "auto_label", "fit_box", "gather_point_features", "recall_flags", "run_upvl", "track_clusters"]
+__all__ = ["AutoLabelConfig", "ClipTeacherConfig", "ClipVL", "CropConfig", "SequenceConfig", "SyntheticVL", "UPVLArgs",
+           "UPVLModule", "UPVLRecipe", "UPVLTask", "VLConfig", "auto_label", "caption", "caption_crops", "crop_classes",
+           "crop_pairs", "crop_views", "fit_box", "gather_point_features", "recall_flags", "run_upvl", "track_clusters"]
 
 
 # ------------------------------------------------------------------------------------- recipe
@@ -110,13 +132,52 @@ def _front_rig() -> list[dict[str, Any]]:
     return [{"yaw": -30.0, "fov": 65.0}, {"yaw": 30.0, "fov": 65.0}]      # about 125 deg to the front
 
 
+def _clip_model() -> ClipModelConfig:
+    return ClipModelConfig(vision=TowerSpec(layers=2, width=64, heads=2, mlp=128),
+                           text=TowerSpec(layers=2, width=64, heads=2, mlp=128),
+                           patch_size=8, projection_dim=32, context_length=8)
+
+
+def _clip_loop() -> LoopConfig:
+    return LoopConfig(epochs=12, batch_size=64,
+                      optim=OptimConfig(name="adamw", lr=1e-3, weight_decay=0.1, no_decay_1d=True),
+                      schedule=ScheduleConfig(name="cosine", warmup_epochs=0.5), grad_clip=5.0)
+
+
+@dataclass
+class CropConfig:
+    """The CLIP's image-caption pairs cut from the rendered views (see `caption_crops`)."""
+
+    size: int = 32                       # the CLIP's image size (crops are resized to it)
+    margin: float = 0.5                  # object crops: side = (1 + margin) * the instance box's longer side
+    min_side: int = 8                    # smallest crop side (pixels of the view)
+    min_pixels: int = 4                  # an instance needs this many visible pixels to be cropped
+    windows: int = 2                     # random windows per class present in a view (centre pixel's class)
+    window_sides: list[int] = field(default_factory=lambda: [8, 24])     # their side range (pixels)
+    num_val: int = 20                    # held-out scenes (indices after the train and test sequences)
+    num_test: int = 40
+
+
+@dataclass
+class ClipTeacherConfig:
+    model: ClipModelConfig = field(default_factory=_clip_model)
+    loop: LoopConfig = field(default_factory=_clip_loop)
+    seed: int = 100
+    crops: CropConfig = field(default_factory=CropConfig)
+    window: int = 12                     # dense map: a window of this side around every stride x stride block
+    stride: int = 4
+
+
 @dataclass
 class VLConfig:
-    kind: str = "synthetic"              # synthetic (the card's stand-in); no other kind yet
-    dim: int = 16
-    noise: float = 1.0                   # per-point noise norm relative to the unit class vector
+    kind: str = "synthetic"              # synthetic (the card's stand-in) | clip (kdforge's CLIP on rendered crops)
+    dim: int = 16                        # synthetic only (clip: the CLIP's projection_dim)
+    noise: float = 1.0                   # synthetic: per-point noise norm relative to the unit class vector
     seed: int = 0
     cameras: list[dict[str, Any]] = field(default_factory=_front_rig)     # cameras.CameraSpec fields each
+    clip: ClipTeacherConfig = field(default_factory=ClipTeacherConfig)
+    run: str | None = None               # clip: a finished teacher (its run dir: <run>/model) instead of training one
+    teacher_only: bool = False           # clip: train (only) the CLIP teacher into the run directory
 
 
 @dataclass
@@ -169,8 +230,27 @@ def check_args(cfg: UPVLRecipe, source: str) -> None:
         raise ConfigError(f"{source}: upvl.semantics=distilled needs feature_weight > 0 (the distilled features)")
     if a.feature_weight < 0 or not 0 <= a.recall_score < 1 or not 0 < a.iou <= 1:
         raise ConfigError(f"{source}: need upvl.feature_weight >= 0, 0 <= upvl.recall_score < 1, 0 < upvl.iou <= 1")
-    if a.vl.kind != "synthetic":
-        raise ConfigError(f"{source}: upvl.vl.kind must be synthetic (the card's stand-in), got {a.vl.kind!r}")
+    if a.vl.kind not in ("synthetic", "clip"):
+        raise ConfigError(f"{source}: upvl.vl.kind must be synthetic (the card's stand-in) or clip, got {a.vl.kind!r}")
+    if a.vl.kind != "clip" and (a.vl.run or a.vl.teacher_only):
+        raise ConfigError(f"{source}: upvl.vl.run / upvl.vl.teacher_only need upvl.vl.kind=clip")
+    if a.vl.run and a.vl.teacher_only:
+        raise ConfigError(f"{source}: upvl.vl.teacher_only=true with upvl.vl.run: there is no teacher to train")
+    if a.vl.kind == "clip":
+        c = a.vl.clip
+        lo, hi = (c.crops.window_sides + [0, 0])[:2]
+        if len(c.crops.window_sides) != 2 or not 2 <= lo <= hi or c.crops.margin < 0 or c.crops.min_side < 2 \
+                or c.crops.min_pixels < 1 or c.crops.windows < 0 or min(c.crops.num_val, c.crops.num_test) < 1:
+            raise ConfigError(f"{source}: upvl.vl.clip.crops needs window_sides [lo, hi] with 2 <= lo <= hi, "
+                              "margin >= 0, min_side >= 2, min_pixels >= 1, windows >= 0, num_val and num_test >= 1")
+        if c.window < 2 or c.window % 2 or c.stride < 2 or c.stride % 2:
+            raise ConfigError(f"{source}: upvl.vl.clip.window and stride must be even and >= 2, got {c.window}, "
+                              f"{c.stride}")
+        if any(int(cam.get("width", 96)) % c.stride or int(cam.get("height", 48)) % c.stride for cam in a.vl.cameras):
+            raise ConfigError(f"{source}: upvl.vl.clip.stride {c.stride} must divide every camera's width and height")
+        if not c.model.local_dir:
+            c.model.check(f"{source}: upvl.vl.clip.model")
+        c.loop.check(f"{source}: upvl.vl.clip.loop")
     if a.vl.dim < 2 or a.vl.noise < 0 or not a.vl.cameras:
         raise ConfigError(f"{source}: need upvl.vl.dim >= 2, upvl.vl.noise >= 0 and at least one upvl.vl.cameras")
     al = a.autolabel
@@ -239,6 +319,175 @@ class SyntheticVL:
         view, uv, visible = point_pixels(scene.points, views)
         feat = self.dense(views, view, uv, visible, key)
         return feat, feat.abs().sum(1) > 0
+
+
+# ------------------------------------------------------------------------------------- the CLIP teacher
+
+_CAPTION_WORD = {"ground": "road", "clutter": "pole"}
+
+
+def crop_classes(categories: list[str]) -> list[str]:
+    """The CLIP's caption classes: the categories, then road (ground), pole (clutter) and sky."""
+    return [*categories, "road", "pole", "sky"]
+
+
+def caption(word: str) -> str:
+    return "a photo of the sky" if word == "sky" else f"a photo of a {word}"
+
+
+def caption_vocabulary(categories: list[str]) -> list[str]:
+    return ["<pad>", "<unk>", "<bos>", "<eos>", "a", "photo", "of", "the", *crop_classes(categories)]
+
+
+def crop_views(rgb: Tensor, x0: Tensor, y0: Tensor, side: int, size: int) -> Tensor:
+    """(N, 3, size, size) uint8 crops [y0, y0 + side) x [x0, x0 + side) of one view `rgb` (3, H, W) in [0, 1]
+    (edge pixels replicated outside the image), bilinearly resized (antialiased) to `size`."""
+    pad = side
+    padded = F.pad(rgb[None], (pad, pad, pad, pad), mode="replicate")[0]
+    rows = (y0.long() + pad)[:, None] + torch.arange(side)
+    cols = (x0.long() + pad)[:, None] + torch.arange(side)
+    crops = padded[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)      # (N, 3, side, side)
+    return _to_uint8(crops, size)
+
+
+def _to_uint8(crops: Tensor, size: int) -> Tensor:
+    if crops.shape[-1] != size:
+        crops = F.interpolate(crops, size=(size, size), mode="bilinear", align_corners=False,
+                              antialias=crops.shape[-1] > size)
+    return (crops.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def caption_crops(views: Any, categories: list[str], crops: CropConfig, g: torch.Generator
+                  ) -> tuple[Tensor, list[str], Tensor, Tensor]:
+    """Image-caption pairs of one scene's rendered views: (uint8 images (N, 3, S, S), captions, class index into
+    `crop_classes`, crop squares (N, 4) as (view, x0, y0, side)).
+
+    Objects: every instance with >= min_pixels visible pixels, a square around its bounding box in the
+    instance map (side (1 + margin) * the longer box side, at least min_side), captioned "a photo of a
+    <category>". Context: per view and per class present (road, pole, sky, each category), `windows`
+    random squares (side uniform in window_sides) centred on a random pixel of that class, captioned by
+    the centre pixel's class (the way the dense map assigns a window to its centre). The captions come
+    from the renderer's semantic map: the analogue of CLIP's web captions; the 3D student never sees them."""
+    k = len(categories)
+    rows: list[tuple[int, int, int, int, int]] = []        # view, x0, y0, side, class
+    V, H, W = views.semantic.shape
+    lo, hi = crops.window_sides
+    for v in range(V):
+        inst, sem = views.instance[v], views.semantic[v]
+        for m in torch.unique(inst[inst >= 0]).tolist():
+            ys, xs = torch.nonzero(inst == m, as_tuple=True)
+            if len(ys) < crops.min_pixels:
+                continue
+            x_lo, x_hi, y_lo, y_hi = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
+            side = max(crops.min_side, math.ceil((1 + crops.margin) * max(x_hi - x_lo, y_hi - y_lo)))
+            cls = int(sem[ys[0], xs[0]]) - 1
+            rows.append((v, round((x_lo + x_hi - side) / 2), round((y_lo + y_hi - side) / 2), side, cls))
+        # context windows: the class of the centre pixel (semantic: 0 ground, 1..k categories, k+1 clutter, -1 sky)
+        cls_map = torch.where(sem == 0, k, torch.where(sem == k + 1, k + 1, torch.where(sem < 0, k + 2, sem - 1)))
+        for c in range(k + 3):
+            ys, xs = torch.nonzero(cls_map == c, as_tuple=True)
+            for _ in range(crops.windows if len(ys) else 0):
+                j = int(torch.randint(len(ys), (1,), generator=g))
+                side = int(torch.randint(lo, hi + 1, (1,), generator=g))
+                rows.append((v, int(xs[j]) - side // 2, int(ys[j]) - side // 2, side, c))
+    names = crop_classes(categories)
+    images = [crop_views(views.rgb[v], torch.tensor([x0]), torch.tensor([y0]), side, crops.size)
+              for v, x0, y0, side, _ in rows]
+    out = torch.cat(images) if images else torch.zeros(0, 3, crops.size, crops.size, dtype=torch.uint8)
+    return (out, [caption(names[r[4]]) for r in rows], torch.tensor([r[4] for r in rows], dtype=torch.long),
+            torch.tensor([r[:4] for r in rows], dtype=torch.long).reshape(-1, 4))
+
+
+def crop_pairs(scenes: list[Scene], cams: list, spec: SceneSpec, keys: list[int], crops: CropConfig, seed: int) -> Any:
+    """`PairData` of the crops of every scene's rendered views (rendered with seed `keys[i]`, as the VL targets)."""
+    from kdforge.tasks.pointcloud.cameras import render_views
+    from kdforge.tasks.vision_language.data import PairData
+
+    g = torch.Generator().manual_seed(seed)
+    images, captions, labels = [], [], []
+    for scene, key in zip(scenes, keys, strict=True):
+        im, cap, lab, _ = caption_crops(render_views(scene, cams, spec, seed=key), list(spec.categories), crops, g)
+        images.append(im)
+        captions += cap
+        labels.append(lab)
+    return PairData(torch.cat(images), captions, torch.cat(labels))
+
+
+class ClipVL:
+    """kdforge's CLIP (trained on the rendered crops, frozen) as the dense 2D VLM and its text tower.
+
+    Dense map: every stride x stride block of a view gets the image embedding of the window x window
+    square centred on the block (edge pixels replicated), resized to the CLIP's input; text embeddings
+    of the prompts come from the same CLIP's text tower. Both L2-normalised."""
+
+    def __init__(self, model_dir: str | Path, categories: list[str], window: int, stride: int,
+                 context_length: int = 8) -> None:
+        from kdforge.methods.zeroseg import load_teacher
+
+        self.clip, self.tokenizer, self.context = load_teacher(model_dir, context_length)
+        self.categories, self.window, self.stride = list(categories), window, stride
+        self.size = int(self.clip.config.vision_config.image_size)
+        self.dim = int(self.clip.config.projection_dim)
+
+    @staticmethod
+    def prompt(name: str) -> str:
+        return caption(_CAPTION_WORD.get(name, name))
+
+    @torch.no_grad()
+    def text(self, prompts: list[str]) -> Tensor:
+        from kdforge.tasks.vision_language.models import encode_texts
+        from kdforge.tasks.vision_language.tokenizer import encode
+
+        ids, mask = encode(self.tokenizer, prompts, self.context)
+        return _unit(encode_texts(self.clip, ids, mask).float())
+
+    @torch.no_grad()
+    def dense_map(self, rgb: Tensor, chunk: int = 512) -> Tensor:
+        """(V, D, H, W) unit features of views `rgb` (V, 3, H, W): each stride block gets its window's embedding."""
+        from kdforge.tasks.vision_language.models import encode_images, pixels
+
+        V, _, H, W = rgb.shape
+        s, w = self.stride, self.window
+        ys, xs = torch.meshgrid(torch.arange(0, H, s), torch.arange(0, W, s), indexing="ij")
+        x0, y0 = (xs + s // 2 - w // 2).flatten(), (ys + s // 2 - w // 2).flatten()
+        out = []
+        for v in range(V):
+            crops = crop_views(rgb[v], x0, y0, w, self.size)
+            emb = torch.cat([encode_images(self.clip, pixels(crops[i:i + chunk])) for i in range(0, len(crops), chunk)])
+            grid = _unit(emb.float()).T.reshape(self.dim, *ys.shape)
+            out.append(grid.repeat_interleave(s, 1).repeat_interleave(s, 2)[:, :H, :W])
+        return torch.stack(out)
+
+    def point_features(self, scene: Scene, cams: list, spec: SceneSpec, key: int) -> tuple[Tensor, Tensor]:
+        """(features (N, D), visible (N,)) of the scene's points: render, z-buffer project, read the dense map."""
+        from kdforge.tasks.pointcloud.cameras import point_pixels, render_views
+
+        views = render_views(scene, cams, spec, seed=key)
+        view, uv, visible = point_pixels(scene.points, views)
+        dense = self.dense_map(views.rgb)
+        feat = dense[view, :, uv[:, 1], uv[:, 0]]
+        return torch.where(visible[:, None], feat, torch.zeros_like(feat)), visible
+
+
+def semantic_score(objects: Tensor, background: Tensor | None = None) -> Any:
+    """The per-point object score of unit VL features f (N, D): with only the category prompts' embeddings
+    `objects` (Q, D), cos(f, e_generic), e_generic = normalise(mean of them) (synthetic teacher); with
+    `background` prompts (road, pole) too, the zero-shot margin max_q cos(f, e_q) - max_b cos(f, e_b) (clip)."""
+    if background is None:
+        generic = _unit(objects.mean(0))
+        return lambda f: f @ generic
+    return lambda f: (f @ objects.T).max(1).values - (f @ background.T).max(1).values
+
+
+def _weights_hash(model_dir: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(model_dir.glob("*")):
+        if f.is_file() and f.suffix in (".safetensors", ".bin", ".json"):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------- auto-labelling
@@ -552,21 +801,27 @@ def _iou_recall(auto: list[Tensor], gt: list[Tensor], static: list[Tensor], thr:
             "autolabel_precision": 100.0 * tp / max(1, n_auto), "autolabel_boxes_per_scene": n_auto / max(1, len(auto))}
 
 
-PREP_VERSION = 1
+PREP_VERSION = 2
 
 
-def _prepare(cfg: UPVLRecipe, spec: SceneSpec, cams: list, vl: SyntheticVL, generic: Tensor,
-             train_seqs: list[Sequence], test_seqs: list[Sequence]) -> dict[str, Any]:
+def _prepare(cfg: UPVLRecipe, spec: SceneSpec, cams: list, vl: SyntheticVL | ClipVL, score: Any,
+             train_seqs: list[Sequence], test_seqs: list[Sequence], teacher: str = "") -> dict[str, Any]:
     """The run-independent data: VL targets of the training key frames, camera visibility of the test objects,
     the motion-only and motion + projected-semantics auto-labels (with their diagnostics); cached on disk
-    (`upvl.cache`, kdforge's cache directory) keyed by every parameter that shapes them."""
+    (`upvl.cache`, kdforge's cache directory) keyed by every parameter that shapes them, the VL teacher's weights
+    hash (`teacher`) included."""
     from dataclasses import asdict
 
     from kdforge.data.cache_dir import atomic_torch_save, cache_dir, cache_key, try_torch_load
 
     a, d = cfg.upvl, cfg.data
-    params = {"version": PREP_VERSION, "data": asdict(d), "sequence": asdict(a.sequence), "vl": asdict(a.vl),
-              "autolabel": asdict(a.autolabel), "iou": a.iou}
+    vl_params = asdict(a.vl)
+    for k in ("run", "teacher_only", "clip"):           # which teacher: its weights hash (`teacher`) says
+        vl_params.pop(k)
+    if a.vl.kind == "clip":
+        vl_params.update(window=a.vl.clip.window, stride=a.vl.clip.stride)
+    params = {"version": PREP_VERSION, "data": asdict(d), "sequence": asdict(a.sequence), "vl": vl_params,
+              "autolabel": asdict(a.autolabel), "iou": a.iou, "teacher": teacher}
     path = cache_dir() / "upvl" / f"prep-{cache_key(params)}.pt"
     if a.cache:
         hit = try_torch_load(path)
@@ -581,7 +836,7 @@ def _prepare(cfg: UPVLRecipe, spec: SceneSpec, cams: list, vl: SyntheticVL, gene
         track = s.frames[0].point_track
         seen.append(torch.tensor([bool(v[track == m].any()) for m in range(len(s.labels))], dtype=torch.bool))
     targets, masks = [t[0] for t in train_vl], [t[1] for t in train_vl]
-    projected = [torch.where(m, f @ generic, torch.full((len(f),), math.nan)) for f, m in train_vl]
+    projected = [torch.where(m, score(f), torch.full((len(f),), math.nan)) for f, m in train_vl]
     out: dict[str, Any] = {"targets": targets, "masks": masks, "seen": seen}
     for name, semantic in (("motion", None), ("projected", projected)):
         auto = [auto_label(s, ground_z, a.autolabel, None if semantic is None else semantic[i])[0]
@@ -608,12 +863,25 @@ def run_upvl(cfg: UPVLRecipe, run_dir: str | Path, trainer: Any, config_text: st
     cams = rig_from_spec(spec)
     motion = a.sequence.motion()
     ground_z = -spec.sensor_height
-    vl = SyntheticVL(semantic_names(spec), a.vl.dim, a.vl.noise, a.vl.seed)
-    text = vl.text([vl.prompt(c) for c in spec.categories])
-    generic = _unit(text.mean(0))
     train_seqs = [make_sequence(spec, d.seed, i, a.sequence.frames, motion) for i in range(d.num_train)]
     test_seqs = [make_sequence(spec, d.seed, d.num_train + i, 1, motion) for i in range(d.num_test)]
-    prep = _prepare(cfg, spec, cams, vl, generic, train_seqs, test_seqs)
+    vl: SyntheticVL | ClipVL
+    teacher, teacher_result = "", {}
+    if a.vl.kind == "clip":
+        stage = _clip_teacher(cfg, run_dir, trainer, config_text, spec, cams, train_seqs)
+        if stage.stopped or a.vl.teacher_only:
+            return stage.result
+        model_dir = stage.run_dir / "model"
+        vl = ClipVL(model_dir, list(spec.categories), a.vl.clip.window, a.vl.clip.stride,
+                    a.vl.clip.model.context_length)
+        teacher = _weights_hash(model_dir)
+        teacher_result = {f"vl_teacher_{k}": v for k, v in stage.result.items()
+                          if k in ("test_zeroshot_top1", "test_i2t_r1", "test_t2i_r1")}
+    else:
+        vl = SyntheticVL(semantic_names(spec), a.vl.dim, a.vl.noise, a.vl.seed)
+    text = vl.text([vl.prompt(c) for c in spec.categories])
+    score = semantic_score(text, vl.text([vl.prompt("ground"), vl.prompt("clutter")]) if a.vl.kind == "clip" else None)
+    prep = _prepare(cfg, spec, cams, vl, score, train_seqs, test_seqs, teacher)
     targets, masks = prep["targets"], prep["masks"]
     test_scenes = [Scene(s.frames[0].points, s.frames[0].point_labels, s.frames[0].boxes,
                          torch.zeros(len(s.labels), dtype=torch.long)) for s in test_seqs]
@@ -629,9 +897,9 @@ def run_upvl(cfg: UPVLRecipe, run_dir: str | Path, trainer: Any, config_text: st
     def task(args: UPVLArgs, auto: list[Tensor], diag: dict[str, float], extra: dict[str, Any]) -> UPVLTask:
         torch.manual_seed(cfg.seed)
         det = build_detector(1, d.extent, model_cfg)
-        module = UPVLModule(det, targets, masks, args.feature_weight, a.vl.dim)
+        module = UPVLModule(det, targets, masks, args.feature_weight, vl.dim)
         return UPVLTask(module, scenes_of(auto), test_scenes, truth, text, d.extent, cfg.train.batch_size, cfg.seed,
-                        args, cfg.eval, {**diag, **extra}, cams)
+                        args, cfg.eval, {**diag, **extra, **teacher_result}, cams)
 
     if a.labels == "motion":
         auto, diag, extra = prep["labels_motion"], prep["diag_motion"], {}
@@ -654,10 +922,48 @@ def run_upvl(cfg: UPVLRecipe, run_dir: str | Path, trainer: Any, config_text: st
             for i, s in enumerate(train_seqs):
                 pts, zero = s.frames[0].points, torch.zeros(len(s.frames[0].points), dtype=torch.long)
                 h = _unit(first_module.point_embeddings(first_module.student(pts, zero, 1), pts, zero))
-                semantic.append(torch.where(masks[i], targets[i] @ generic, h @ generic))
+                semantic.append(torch.where(masks[i], score(targets[i]), score(h)))
         auto = [auto_label(s, ground_z, a.autolabel, semantic[i])[0] for i, s in enumerate(train_seqs)]
         diag = _iou_recall(auto, [s.frames[0].boxes for s in train_seqs], [s.static for s in train_seqs], a.iou)
     return run_stage(run_dir, None, settings, task(a, auto, diag, extra), config_text).result
+
+
+def _clip_teacher(cfg: UPVLRecipe, run_dir: str | Path, trainer: Any, config_text: str, spec: SceneSpec, cams: list,
+                  train_seqs: list[Sequence]) -> Any:
+    """The CLIP teacher: a finished one (`upvl.vl.run`: its `<run>/model`), or trained on crops of the training
+    sequences' key-frame views (val / test crops from extra held-out scenes) as the stage `vl_teacher`
+    (into the run directory itself with `upvl.vl.teacher_only`)."""
+    import json
+
+    from kdforge.methods.clip import ClipRecipe, PairDataConfig, run_clip
+    from kdforge.train.stages import StageRun
+
+    a, d = cfg.upvl, cfg.data
+    c = a.vl.clip
+    if a.vl.run:
+        where = Path(a.vl.run)
+        where = where if (where / "model" / "config.json").is_file() else where / "stages" / "vl_teacher"
+        if not (where / "model" / "config.json").is_file():
+            raise KdforgeError(f"upvl.vl.run {a.vl.run}: no finished CLIP teacher there (<run>/model or "
+                               "<run>/stages/vl_teacher/model); train one with upvl.vl.teacher_only=true")
+        result = json.loads((where / "result.json").read_text()) if (where / "result.json").is_file() else {}
+        return StageRun(None, result, where, stopped=False)
+    from kdforge.tasks.pointcloud.sequences import make_sequence as _seq
+
+    key = d.seed * 100_003
+    extra = d.num_train + d.num_test
+    held = [_seq(spec, d.seed, extra + i, 1, a.sequence.motion()).scene(0) for i in range(c.crops.num_val
+                                                                                      + c.crops.num_test)]
+    held_keys = [key + extra + i for i in range(len(held))]
+    splits = {"train": crop_pairs([s.scene(0) for s in train_seqs], cams, spec, [key + i for i in range(d.num_train)],
+                                  c.crops, c.seed),
+              "val": crop_pairs(held[:c.crops.num_val], cams, spec, held_keys[:c.crops.num_val], c.crops, c.seed + 1),
+              "test": crop_pairs(held[c.crops.num_val:], cams, spec, held_keys[c.crops.num_val:], c.crops, c.seed + 2)}
+    names = crop_classes(list(spec.categories))
+    recipe = ClipRecipe(seed=c.seed, data=PairDataConfig(size=c.crops.size), model=c.model, train=c.loop)
+    return run_clip(recipe, run_dir, trainer, config_text, stage=None if a.vl.teacher_only else "vl_teacher",
+                    splits=splits, vocab=caption_vocabulary(list(spec.categories)),
+                    prompts=(names, [caption(n) for n in names]))
 
 
 class UPVL:
