@@ -171,6 +171,41 @@ def test_training_module_losses_match_independent_computations() -> None:
     assert any(k.endswith("sam.4.embed") for k in module.checkpoint_state())
 
 
+def test_pre_relu_teacher_features_oracle_bridge_and_warmup() -> None:
+    from kdforge.distill.distiller import Batch
+    from kdforge.tasks.dense.audio import AudioDenseModule, teacher_tap, teacher_targets
+    from kdforge.tasks.dense.models import MultiTaskNet
+
+    # pre_relu: the input of the stage's last (in-place) ReLU, kept intact; its ReLU is the post_relu tap
+    torch.manual_seed(0)
+    teacher = MultiTaskNet({"depth": 1}, "unet", 4, depth=4).eval()
+    images = torch.randint(0, 255, (2, 3, 16, 16), dtype=torch.uint8)
+    _, f = teacher_targets(teacher, images, [teacher_tap(3), teacher_tap(3, "pre_relu")], torch.device("cpu"))
+    post, pre = f["enc3"], f["encoder.stages.2.5:input"]
+    assert (pre < 0).any() and (post >= 0).all() and torch.equal(pre.clamp_min(0), post)
+    # oracle: the decoder reads the given teacher features instead of the audio's
+    net = AudioDenseNet({"depth": 1}, {4: (8, 2, 2)}, 16, 2, 4, 4, "oracle").eval()
+    x, v = torch.randn(3, 2, 33, 39), torch.randn(3, 8, 2, 2)
+    with torch.no_grad():
+        a = net(x, {4: v})["depth"]
+        b = net(x + 5.0, {4: v})["depth"]          # the audio does not reach the decoder on this bridge
+        c = net(x, {4: v + 1.0})["depth"]
+    assert torch.allclose(a, b) and not torch.allclose(a, c)
+    with pytest.raises(KdforgeError, match="bridge oracle needs"):
+        net(x)
+    # warm-up: no feature loss before warmup_steps, the full one after
+    torch.manual_seed(1)
+    net = AudioDenseNet({"depth": 1}, {4: (8, 2, 2)}, 16, 2, 4, 4, "sam", {4: 3}, 2)
+    module = AudioDenseModule(net, {4: "enc4"}, feature="triplet", lam=0.5, warmup_steps=3).eval()
+    losses = []
+    for step in (2, 3):
+        batch = Batch(images=x, target={"depth": torch.rand(3, 16, 16) + 1}, index=torch.arange(3), step=step,
+                      teacher_outputs={"teacher": {"enc4": v}})
+        with torch.no_grad():
+            losses.append(float(module(batch).losses["triplet_enc4"]))
+    assert losses[0] == 0.0 and losses[1] > 0.0
+
+
 def test_sam_audio_is_registered() -> None:
     import kdforge.methods.sam_audio  # noqa: F401
     from kdforge.methods.catalog import SEED_METHODS
@@ -194,9 +229,12 @@ def test_shared_teacher_is_reused_and_arms_run(tmp_path: Path) -> None:
     assert main(["train", str(RECIPE), *TINY, "teacher_only=true", "--out", str(teacher)]) == 0
     for i, arm in enumerate((["sam_audio.bridge=resize", "sam_audio.feature=none"],
                              ["sam_audio.bridge=resize", "sam_audio.feature=mse", "data.echo={channels: 2}"],
+                             ["sam_audio.bridge=oracle", "sam_audio.feature=none",
+                              "sam_audio.teacher_features=pre_relu"],
                              ["sam_audio.neg=adjacent", "data.tasks=[depth,semseg]"])):
         assert main(["train", str(RECIPE), *TINY, *arm, f"teacher.run={teacher}", "--out", str(tmp_path / f"a{i}")]) \
-            == (0 if i < 2 else 2)      # other echoes do not reach the teacher; another task list is another teacher
+            == (0 if i < 3 else 2)      # other echoes do not reach the teacher; another task list is another teacher
+    assert (tmp_path / "a2/predictions.png").is_file()
     assert not (tmp_path / "a0/stages").exists()
     assert main(["train", str(RECIPE), *TINY, "data.tasks=[depth,semseg]", "sam_audio.neg=adjacent",
                  "--out", str(tmp_path / "seg")]) == 0
@@ -210,6 +248,8 @@ def test_bad_recipes_fail_in_one_line(tmp_path: Path, capsys) -> None:
                               ("sam_audio.layers=[]", "sam_audio.layers must be"),
                               ("sam_audio.neg=random", "sam_audio.neg must be"),
                               ("sam_audio.k=0", "k, k_div, heads must be >= 1"),
+                              ("sam_audio.teacher_features=logits", "teacher_features must be one of"),
+                              ("sam_audio.warmup_epochs=-1", "warmup_epochs >= 0"),
                               ("data.tasks=[normals]", "unknown task normals"),
                               ("data.echo={scatter: rough}", "scatter must be one of"),
                               ("data.echo={mics: 3}", "unknown field(s) mics"),

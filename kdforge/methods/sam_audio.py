@@ -33,6 +33,12 @@ Deviations (no official code exists; the card follows the paper text):
   the plain student resizes its audio features bilinearly to those grids.
 * lam is not given by the paper (task-specific): chosen on a development draw; the semantic task
   has no auxiliary 0.2 CE head; no time-band patching of the spectrogram; no flips.
+* teacher features: the stage outputs of the teacher's encoder (after the stage's last ReLU, as a
+  ResNet stage's output in the paper's U-Net), so non-negative; `teacher_features: pre_relu` reads the
+  same stage before that ReLU (signed, closer to a DPT token). The card's warm-up with L_p alone is
+  `warmup_epochs`; its adjacent-negative switch "if the loss stalls" is the manual `neg: adjacent`
+  (here the loss never stalls: it falls to ~0 within the first epoch). The card's oracle (the
+  teacher's actual features in place of the embeddings) is `bridge: oracle`.
 * the teacher's predictions and features of the training scenes are computed once (the teacher
   is frozen and the batches are not augmented), so a step runs the student only.
 
@@ -46,9 +52,11 @@ Recipe schema (`configs/methods/sam_audio.yaml`; `kdforge train configs/methods/
     train: LoopConfig
     teacher: {model: {arch, width, depth}, loop: LoopConfig, seed, run}   # run: a finished teacher_only run
     teacher_only: bool
-    sam_audio: {pseudo_gt, bridge: resize | sam, layers: [enc3, enc4], k, k_div, heads,
+    sam_audio: {pseudo_gt, bridge: resize | sam | oracle, layers: [enc3, enc4], k, k_div, heads,
                 feature: none | mse | triplet, lam, margin, neg: all | adjacent, triplet_on: raw | aligned,
-                depth_loss: berhu | l1}
+                depth_loss: berhu | l1, teacher_features: post_relu | pre_relu, warmup_epochs}
+    (bridge oracle feeds the teacher's own features of the image to the decoder, at
+     training and test time: the card's upper-bound check, not an audio-only student)
 """
 
 from __future__ import annotations
@@ -93,7 +101,7 @@ class AudioModelConfig:
 @dataclass
 class SAMAudioArgs:
     pseudo_gt: bool = True           # train on the teacher's predictions (the paper's setting), else the ground truth
-    bridge: str = "sam"              # resize (plain student) | sam
+    bridge: str = "sam"              # resize (plain student) | sam | oracle (the teacher's features; upper bound)
     layers: list[str] = field(default_factory=lambda: ["enc3", "enc4"])   # teacher taps aligned (SAM_3,4)
     k: int = 64                      # K of the deepest block
     k_div: int = 4                   # K divided by this for each shallower block
@@ -104,6 +112,8 @@ class SAMAudioArgs:
     neg: str = "all"                 # all | adjacent
     triplet_on: str = "raw"          # raw audio features | aligned (the SAM output)
     depth_loss: str = "berhu"        # berhu | l1
+    teacher_features: str = "post_relu"   # the teacher's stage outputs (after ReLU) | pre_relu (before the last ReLU)
+    warmup_epochs: int = 0           # epochs of L_p alone before the feature loss starts
 
 
 @dataclass
@@ -120,7 +130,7 @@ class SAMAudioRecipe:
 
     def check(self, source: str) -> None:
         from kdforge.losses.sam_audio import NEGATIVES
-        from kdforge.tasks.dense.audio import BRIDGES, FEATURE_LOSSES
+        from kdforge.tasks.dense.audio import BRIDGES, FEATURE_LOSSES, TEACHER_FEATURES
         from kdforge.tasks.dense.echo import EchoConfig
         from kdforge.tasks.dense.models import ARCHS
 
@@ -156,6 +166,9 @@ class SAMAudioRecipe:
         if a.neg not in NEGATIVES or a.triplet_on not in ("raw", "aligned") or a.depth_loss not in ("berhu", "l1"):
             raise ConfigError(f"{source}: sam_audio.neg must be all|adjacent, triplet_on raw|aligned, depth_loss "
                               f"berhu|l1; got {a.neg!r}, {a.triplet_on!r}, {a.depth_loss!r}")
+        if a.teacher_features not in TEACHER_FEATURES or a.warmup_epochs < 0:
+            raise ConfigError(f"{source}: sam_audio.teacher_features must be one of {', '.join(TEACHER_FEATURES)} and "
+                              f"warmup_epochs >= 0; got {a.teacher_features!r}, {a.warmup_epochs}")
         if a.triplet_on == "aligned" and a.bridge != "sam":
             raise ConfigError(f"{source}: sam_audio.triplet_on aligned needs bridge: sam")
         if a.k < 1 or a.k_div < 1 or a.heads < 1 or a.lam < 0 or a.margin < 0:
@@ -240,7 +253,7 @@ def run_sam_audio(cfg: SAMAudioRecipe, run_dir: str | Path, trainer: Any = None,
     task = AudioDenseTask(student, train, test, cfg.train.batch_size, cfg.seed, teacher=teacher,
                           pseudo_gt=a.pseudo_gt, feature=a.feature, lam=a.lam, margin=a.margin, neg=a.neg,
                           triplet_on=a.triplet_on, depth_loss=a.depth_loss, task_weights=cfg.task_weights, val=val,
-                          extra_result=extra)
+                          extra_result=extra, teacher_features=a.teacher_features, warmup_epochs=a.warmup_epochs)
     return run_stage(run_dir, None, loop_settings(cfg.train, cfg.seed, trainer), task, config_text).result
 
 

@@ -11,7 +11,9 @@ runs the student only.
 `AudioDenseNet`: a convolutional audio encoder (`models.Encoder`: stages of widths w, 2w, 4w, 8w,
 strides 1, 2, 2, 2), per aligned level a 1x1 projection of the audio stage to the teacher tap's
 channel count C (the features a_i the feature losses read), a bridge from the audio grid to the
-teacher tap's grid -- `resize` (bilinear, the plain student) or `sam` (`SAMBlock`) -- and a
+teacher tap's grid -- `resize` (bilinear, the plain student), `sam` (`SAMBlock`) or `oracle` (the
+teacher's own features of the scene's image at that level, at training and test time: the card's
+upper-bound check of the aligned-feature path; not an audio-only model) -- and a
 decoder from the coarsest bridged grid up to the output size (x2 upsampling, concatenating each
 bridged map at its grid, two 3x3 convs per level) with one `models.Head` per task.
 
@@ -28,7 +30,10 @@ and p_bar (V x C, the teacher's layout) replaces the audio features in the decod
 Huber of Laina et al., c = 0.2 max |error| of the batch) or `l1`, semantic cross-entropy; plus
 `lam` x the feature loss per aligned level: `mse` (the audio features resized to the teacher's
 grid, FitNet-style) or `triplet` (`kdforge.losses.sam_audio.loose_triplet_feature_kd` of the
-teacher features against the raw audio features a_i, or against p_bar with `triplet_on: aligned`).
+teacher features against the raw audio features a_i, or against p_bar with `triplet_on: aligned`), off for
+the first `warmup_steps` steps (the card's warm-up with L_p alone). The teacher features are its
+encoder stage outputs (after ReLU, as a ResNet stage's) or, with `teacher_features: pre_relu`, the
+same stage before its last ReLU (`teacher_tap`).
 
 `AudioDenseTask`: seeded batches (`stream_batch`) of standardised spectrograms (per channel and
 frequency, statistics of the training split), evaluation against the ground truth (depth RMSE,
@@ -63,8 +68,17 @@ from kdforge.train.distributed import DistEnv
 __all__ = ["AudioDenseModule", "AudioDenseNet", "AudioDenseTask", "BRIDGES", "FEATURE_LOSSES", "SAMBlock",
            "audio_metrics", "berhu", "depth_delta", "depth_mae", "teacher_targets"]
 
-BRIDGES = ("resize", "sam")
+BRIDGES = ("resize", "sam", "oracle")
 FEATURE_LOSSES = ("none", "mse", "triplet")
+TEACHER_FEATURES = ("post_relu", "pre_relu")
+
+
+def teacher_tap(stage: int, kind: str = "post_relu") -> str:
+    """The teacher (`models.MultiTaskNet`) tap of encoder stage `stage` (1-based): the stage output (after its last
+    ReLU, `enc<s>`) or the input of that ReLU (after the last BatchNorm, `pre_relu`; copied, the ReLU is in place)."""
+    if kind not in TEACHER_FEATURES:
+        raise KdforgeError(f"audio dense: teacher features must be one of {', '.join(TEACHER_FEATURES)}, got {kind!r}")
+    return f"enc{stage}" if kind == "post_relu" else f"encoder.stages.{stage - 1}.5:input"
 
 
 class SAMBlock(nn.Module):
@@ -140,9 +154,14 @@ class AudioDenseNet(nn.Module):
         self.feature_taps = {**{f"enc{i + 1}": f"encoder.stages.{i}" for i in range(depth)},
                              **{t: f"heads.{t}" for t in tasks}}
 
-    def forward_features(self, x: Tensor) -> tuple[dict[str, Tensor], dict[int, Tensor], dict[int, Tensor]]:
+    def forward_features(self, x: Tensor, oracle: Mapping[int, Tensor] | None = None
+                         ) -> tuple[dict[str, Tensor], dict[int, Tensor], dict[int, Tensor]]:
         """({task: output}, {stage: projected audio features a (N, C, h_a, w_a)},
-        {stage: the bridged map in the teacher's grid (N, C, h, w)})."""
+        {stage: the bridged map in the teacher's grid (N, C, h, w)}). `oracle` ({stage: the teacher's features
+        (N, C, h, w)}) is the bridged map of `bridge: oracle`."""
+        if self.bridge == "oracle" and (oracle is None or any(s not in oracle for s in self.levels)):
+            raise KdforgeError(f"AudioDenseNet: bridge oracle needs the teacher's features of stages "
+                               f"{sorted(self.levels)}")
         feats = self.encoder(x)
         projected, bridged = {}, {}
         for s, (c, h, w) in self.levels.items():
@@ -151,6 +170,8 @@ class AudioDenseNet(nn.Module):
             if self.bridge == "sam":
                 p_bar, _ = self.sam[str(s)](a.flatten(2).transpose(1, 2))
                 bridged[s] = p_bar.transpose(1, 2).reshape(a.shape[0], c, h, w)
+            elif self.bridge == "oracle":
+                bridged[s] = oracle[s].to(a.dtype)                           # type: ignore[index]
             else:
                 bridged[s] = F.interpolate(a, size=(h, w), mode="bilinear", align_corners=False)
         by_grid = {tuple(m.shape[-2:]): m for m in bridged.values()}
@@ -162,8 +183,8 @@ class AudioDenseNet(nn.Module):
             y = block(torch.cat(parts, 1))
         return {t: head(y) for t, head in self.heads.items()}, projected, bridged
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return self.forward_features(x)[0]
+    def forward(self, x: Tensor, oracle: Mapping[int, Tensor] | None = None) -> dict[str, Tensor]:
+        return self.forward_features(x, oracle)[0]
 
 
 def berhu(pred: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -199,7 +220,8 @@ class AudioDenseModule(TaskModule):
 
     def __init__(self, student: AudioDenseNet, teacher_taps: Mapping[int, str], feature: str = "none",
                  lam: float = 0.0, margin: float = 0.3, neg: str = "all", triplet_on: str = "raw",
-                 depth_loss: str = "berhu", task_weights: Mapping[str, float] | None = None, seed: int = 0) -> None:
+                 depth_loss: str = "berhu", task_weights: Mapping[str, float] | None = None, seed: int = 0,
+                 warmup_steps: int = 0) -> None:
         super().__init__()
         if feature not in FEATURE_LOSSES or neg not in NEGATIVES or triplet_on not in ("raw", "aligned") \
                 or depth_loss not in ("berhu", "l1"):
@@ -208,6 +230,7 @@ class AudioDenseModule(TaskModule):
         self.student, self.teacher_taps = student, dict(teacher_taps)
         self.feature, self.lam, self.margin, self.neg, self.triplet_on = feature, float(lam), margin, neg, triplet_on
         self.depth_loss, self.task_weights, self.seed = depth_loss, dict(task_weights or {}), seed
+        self.warmup_steps = int(warmup_steps)
 
     def eval_model(self) -> nn.Module:
         return self.student
@@ -232,17 +255,21 @@ class AudioDenseModule(TaskModule):
                                         self.neg, tuple(s.shape[-2:]), g)
 
     def forward(self, batch: Batch) -> Step:
-        outputs, projected, bridged = self.student.forward_features(batch.images)
+        feats = (batch.teacher_outputs or {}).get("teacher", {})
+        uses = (self.feature != "none" and self.lam > 0) or self.student.bridge == "oracle"
+        missing = [tap for tap in self.teacher_taps.values() if uses and tap not in feats]
+        if missing:
+            raise KdforgeError(f"audio dense: the batch lacks the teacher's '{missing[0]}' features")
+        oracle = {s: feats[tap] for s, tap in self.teacher_taps.items()} if self.student.bridge == "oracle" else None
+        outputs, projected, bridged = self.student.forward_features(batch.images, oracle)
         losses = {t: float(self.task_weights.get(t, 1.0)) * self.task_loss(t, out, batch.target[t])
                   for t, out in outputs.items()}
         groups = {t: "task" for t in losses}
         if self.feature != "none" and self.lam > 0:
-            feats = (batch.teacher_outputs or {}).get("teacher", {})
+            lam = self.lam if batch.step >= self.warmup_steps else 0.0     # the warm-up: L_p alone
             for s, tap in self.teacher_taps.items():
-                if tap not in feats:
-                    raise KdforgeError(f"audio dense: the batch lacks the teacher's '{tap}' features")
                 name = f"{self.feature}_{tap}"
-                losses[name] = self.lam * self.feature_loss(s, projected[s], bridged[s], feats[tap], batch.step)
+                losses[name] = lam * self.feature_loss(s, projected[s], bridged[s], feats[tap], batch.step)
                 groups[name] = "distill"
         return Step(outputs=outputs, losses=losses, groups=groups)
 
@@ -308,17 +335,22 @@ class AudioDenseTask(Task):
                  teacher: nn.Module | None = None, pseudo_gt: bool = True, feature: str = "none", lam: float = 0.0,
                  margin: float = 0.3, neg: str = "all", triplet_on: str = "raw", depth_loss: str = "berhu",
                  task_weights: Mapping[str, float] | None = None, val: EchoData | None = None,
-                 extra_result: dict[str, Any] | None = None) -> None:
+                 extra_result: dict[str, Any] | None = None, teacher_features: str = "post_relu",
+                 warmup_epochs: int = 0) -> None:
         if batch_size < 1:
             raise KdforgeError(f"audio dense: batch_size must be >= 1, got {batch_size}")
-        if (pseudo_gt or (feature != "none" and lam > 0)) and teacher is None:
-            raise KdforgeError("audio dense: pseudo_gt and feature losses need a teacher")
+        if (pseudo_gt or (feature != "none" and lam > 0) or student.bridge == "oracle") and teacher is None:
+            raise KdforgeError("audio dense: pseudo_gt, feature losses and bridge oracle need a teacher")
+        if warmup_epochs < 0:
+            raise KdforgeError(f"audio dense: warmup_epochs must be >= 0, got {warmup_epochs}")
         self.student, self.teacher, self.train, self.test, self.val = student, teacher, train, test, val
         self.batch_size, self.seed, self.pseudo_gt = batch_size, seed, pseudo_gt
         self.module_args = {"feature": feature, "lam": lam, "margin": margin, "neg": neg, "triplet_on": triplet_on,
                             "depth_loss": depth_loss, "task_weights": task_weights, "seed": seed}
-        self.uses_features = feature != "none" and lam > 0
-        self.teacher_taps = {s: f"enc{s}" for s in student.levels}
+        self.uses_features = (feature != "none" and lam > 0) or student.bridge == "oracle"
+        self.teacher_taps = {s: f"enc{s}" for s in student.levels}       # the names the module reads
+        self.tap_paths = {f"enc{s}": teacher_tap(s, teacher_features) for s in student.levels}
+        self.teacher_features, self.warmup_epochs = teacher_features, warmup_epochs
         self.tasks = list(student.tasks)
         missing = [t for t in self.tasks if t not in train.targets or t not in test.targets]
         if missing:
@@ -341,14 +373,23 @@ class AudioDenseTask(Task):
         self.features = {}
         if self.teacher is not None and (self.pseudo_gt or self.uses_features):
             self.teacher.to(device)
-            outs, feats = teacher_targets(self.teacher, self.train.images, list(self.teacher_taps.values()), device)
+            outs, feats = self.teacher_outputs(self.train.images, device)
             if self.pseudo_gt:
                 self.targets = _as_targets({t: outs[t] for t in self.tasks})
             if self.uses_features:
                 self.features = feats
             self.teacher.cpu()
-        module = AudioDenseModule(self.student, self.teacher_taps, **self.module_args)
+        module = AudioDenseModule(self.student, self.teacher_taps, **self.module_args,
+                                  warmup_steps=self.warmup_epochs * self.steps_per_epoch())
         return module.to(device)
+
+    def teacher_outputs(self, images: Tensor, device: torch.device) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The teacher's ({task: output}, {enc<s>: feature of the configured kind}) on uint8 `images`."""
+        assert self.teacher is not None
+        if device != next(self.teacher.parameters()).device:
+            self.teacher.to(device)
+        outs, feats = teacher_targets(self.teacher, images, list(self.tap_paths.values()), device)
+        return outs, {name: feats[path] for name, path in self.tap_paths.items()}
 
     def steps_per_epoch(self) -> int:
         return max(1, len(self.train) // self.batch_size)
@@ -369,12 +410,21 @@ class AudioDenseTask(Task):
         return data
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, spectrograms: Tensor, batch_size: int = 64) -> dict[str, Tensor]:
+    def predict(self, model: nn.Module, spectrograms: Tensor, batch_size: int = 64,
+                images: Tensor | None = None) -> dict[str, Tensor]:
+        """The student's outputs; `bridge: oracle` also reads the teacher's features of the scenes' `images`."""
         was = model.training
         model.eval()
         parts: dict[str, list[Tensor]] = {}
+        oracle = getattr(model, "bridge", None) == "oracle"
+        if oracle and images is None:
+            raise KdforgeError("audio dense: bridge oracle predicts from the scenes' images too")
         for start in range(0, len(spectrograms), batch_size):
-            for k, v in model(self.inputs(spectrograms[start:start + batch_size]).to(self.device)).items():
+            extra = None
+            if oracle:
+                feats = self.teacher_outputs(images[start:start + batch_size], self.device)[1]   # type: ignore[index]
+                extra = {s: feats[tap].to(self.device) for s, tap in self.teacher_taps.items()}
+            for k, v in model(self.inputs(spectrograms[start:start + batch_size]).to(self.device), extra).items():
                 parts.setdefault(k, []).append(v.float().cpu())
         model.train(was)
         return {k: torch.cat(v) for k, v in parts.items()}
@@ -382,7 +432,7 @@ class AudioDenseTask(Task):
     def evaluate(self, module: nn.Module, split: str, env: DistEnv, autocast: Any = None) -> dict[str, float]:
         data = self.split(split)
         with autocast() if autocast is not None else contextlib.nullcontext():
-            outputs = self.predict(module.eval_model(), data.spectrograms)
+            outputs = self.predict(module.eval_model(), data.spectrograms, images=data.images)
         return audio_metrics(outputs, data.targets, data.num_classes)
 
     def result(self, module: nn.Module, env: DistEnv, autocast: Any = None) -> dict[str, Any]:
@@ -397,17 +447,18 @@ class AudioDenseTask(Task):
         return {"task": self.name, "tasks": self.tasks, "train_scenes": len(self.train), "test_scenes": len(self.test),
                 "spectrogram": list(self.train.spectrograms.shape[1:]), "pseudo_gt": self.pseudo_gt,
                 "student_parameters": sum(p.numel() for p in self.student.parameters()),
-                "bridge": self.student.bridge, "teacher_taps": list(self.teacher_taps.values()), **self.module_args}
+                "bridge": self.student.bridge, "teacher_taps": list(self.tap_paths.values()),
+                "warmup_epochs": self.warmup_epochs, **self.module_args}
 
     def draw(self, module: nn.Module, path: Path, count: int = 4) -> bool:
         """`count` test scenes: image, left spectrogram, per task the truth, the teacher's and the student's maps."""
         from kdforge.plotting import pyplot, save_png
 
         pick = list(range(min(count, len(self.test))))
-        student = self.predict(module.eval_model(), self.test.spectrograms[pick])
+        student = self.predict(module.eval_model(), self.test.spectrograms[pick], images=self.test.images[pick])
         teacher = None
         if self.teacher is not None:
-            teacher, _ = teacher_targets(self.teacher, self.test.images[pick], [], torch.device("cpu"))
+            teacher, _ = self.teacher_outputs(self.test.images[pick], self.device)
         rows: list[tuple[str, str | None, str]] = [("image", None, "image"), ("echo (ch 0)", None, "spec")]
         for t in self.tasks:
             rows += [(f"{t} truth", t, "truth")] + ([(f"{t} teacher", t, "teacher")] if teacher else []) + \
