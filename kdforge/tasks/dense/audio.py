@@ -35,7 +35,7 @@ the first `warmup_steps` steps (the card's warm-up with L_p alone). The teacher 
 encoder stage outputs (after ReLU, as a ResNet stage's) or, with `teacher_features: pre_relu`, the
 same stage before its last ReLU (`teacher_tap`).
 
-`AudioDenseTask`: seeded batches (`stream_batch`) of standardised spectrograms (per channel and
+`AudioDenseTask`: seeded batches (`SampledTask`) of standardised spectrograms (per channel and
 frequency, statistics of the training split), evaluation against the ground truth (depth RMSE,
 MAE, abs-rel, delta < 1.25; mIoU; and the audio-blind priors, the per-pixel mean / median
 training depth map, as `test_mean_map_*` / `test_median_map_*`), and `draw` (image, spectrogram,
@@ -57,7 +57,7 @@ from kdforge.distill.distiller import Batch, Step
 from kdforge.errors import KdforgeError
 from kdforge.losses.sam_audio import NEGATIVES, loose_triplet_feature_kd
 from kdforge.models.taps import FeatureTap
-from kdforge.tasks.base import Task, TaskModule, rank_share, seeded_generator, stream_batch
+from kdforge.tasks.base import SampledTask, TaskModule, seeded_generator
 from kdforge.tasks.dense.echo import EchoData
 from kdforge.tasks.dense.metrics import depth_errors, miou
 from kdforge.tasks.dense.models import Encoder, Head, _block
@@ -326,7 +326,7 @@ def prior_depth_metrics(train_depth: Tensor, test_depth: Tensor) -> dict[str, fl
             "test_median_map_depth_delta1": depth_delta(median, test_depth)}
 
 
-class AudioDenseTask(Task):
+class AudioDenseTask(SampledTask):
     """An echo-spectrogram student on `train` (EchoData), taught by a frozen image `teacher` (module doc)."""
 
     name = "audio_dense"
@@ -391,12 +391,9 @@ class AudioDenseTask(Task):
         outs, feats = teacher_targets(self.teacher, images, list(self.tap_paths.values()), device)
         return outs, {name: feats[path] for name, path in self.tap_paths.items()}
 
-    def steps_per_epoch(self) -> int:
-        return max(1, len(self.train) // self.batch_size)
-
     def batch(self, epoch: int, step: int, env: DistEnv) -> Batch:
         k = epoch * self.steps_per_epoch() + step
-        idx = rank_share(stream_batch(len(self.train), self.batch_size, k, self.seed, 17), env)
+        idx = self.batch_index(epoch, step, env)
         target = {t: v[idx].to(self.device) for t, v in self.targets.items()}
         feats = ({"teacher": {tap: v[idx].to(self.device) for tap, v in self.features.items()}}
                  if self.features else None)
