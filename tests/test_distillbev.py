@@ -162,6 +162,35 @@ def test_module_terms_gradients_and_teacher_cache() -> None:
     assert set(alone(task3.batch(0, 0, DistEnv())).losses) == {"heatmap", "box"} and len(alone.adapters) == 0
 
 
+def test_kd_scale_normalisation_and_warmup_by_hand() -> None:
+    """kd_scale, kd_norm and warmup rescale every KD term by the hand-computed factor; detection terms untouched."""
+    base, task = _module(DistillBEVArgs())
+    batch = task.batch(0, 2, DistEnv())             # 4 training scenes, batch 3: 1 step an epoch -> progress 2.0
+    assert task.steps_per_epoch() == 1 and batch.progress == pytest.approx(2.0)
+    ref = base(batch).losses
+    kd = [k for k in ref if k.startswith("kd_")]
+    det = float((ref["heatmap"] + ref["box"]).detach())
+    kd_sum = float(sum(ref[k] for k in kd).detach())
+    cases = ((DistillBEVArgs(kd_scale=0.3), 0.3), (DistillBEVArgs(kd_scale=0.5, warmup=4.0), 0.5 * 2.0 / 4.0),
+             (DistillBEVArgs(kd_scale=0.5, warmup=1.5), 0.5),
+             (DistillBEVArgs(kd_norm=True, kd_scale=0.2), 0.2 * det / kd_sum))
+    for args, factor in cases:
+        module, task_k = _module(args)
+        got = module(task_k.batch(0, 2, DistEnv())).losses
+        for k in ref:
+            want = float(ref[k].detach()) * (factor if k in kd else 1.0)
+            assert float(got[k].detach()) == pytest.approx(want, rel=1e-5), (args, k)
+    module, task_k = _module(DistillBEVArgs(kd_norm=True, kd_scale=0.2))
+    got = module(task_k.batch(0, 2, DistEnv())).losses
+    kd_total = float(sum(got[k] for k in kd).detach())
+    assert kd_total == pytest.approx(0.2 * det, rel=1e-5)                   # the KD sum is 0.2 x the detection loss
+    mse, task_m = _module(DistillBEVArgs(mode="mse", kd_scale=0.1, warmup=2.0))
+    ref_m, _ = _module(DistillBEVArgs(mode="mse"))
+    b = task_m.batch(0, 1, DistEnv())
+    want = 0.1 * 0.5 * float(ref_m(b).losses["mse"].detach())
+    assert float(mse(b).losses["mse"].detach()) == pytest.approx(want, rel=1e-5)
+
+
 def test_distillbev_recipe_trains_reports_and_resumes(tmp_path: Path) -> None:
     result = assert_resume_exact(RECIPE, TINY, tmp_path, stop_after=3)
     assert (tmp_path / "full/stages/teacher/result.json").is_file()
@@ -183,7 +212,8 @@ def test_bad_distillbev_recipes_fail_in_one_line(tmp_path: Path, capsys) -> None
                               ("distill.t_sp=0", "temperatures"), ("distill.fp=student", "distill.fp must be"),
                               ("camera.stride=3", "stride must be"), ("camera.splat=max", "splat must be"),
                               ("data.format=kitti", "data.format kitti needs data.root"),
-                              ("camera.fovv=3", "fovv")):
+                              ("camera.fovv=3", "fovv"), ("distill.kd_scale=-1", "kd_scale"),
+                              ("distill.warmup=-2", "warmup")):
         assert main(["train", str(RECIPE), *TINY, override, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err

@@ -20,6 +20,12 @@ and here by default. `distill.mode: mse` is the plain full-map imitation arm (w_
 (F_S' - F_T)^2, the background term's scale with no regions, scaling or attention); `none` trains the
 camera student alone (the paper's baseline).
 
+Adapting to another scale (not in the paper, a practitioner's knobs, chosen on a development draw):
+`distill.kd_scale` multiplies every KD term (the MSE arm's too), `distill.kd_norm` rescales the KD sum
+to kd_scale x the detection loss (heatmap + box; the ratio is detached, so only the direction of the
+KD gradient survives), and `distill.warmup` ramps the KD terms linearly from 0 over that many epochs
+(the batch's `progress`). Defaults (1, false, 0) are the released behaviour.
+
 Positions (`distill.positions`, "student_tap:teacher_tap"): student taps `lss` (the view transformer's
 splatted BEV), `block1..`, `neck` (fed to the head: the released config's "head" position); teacher
 taps `block1..`, `neck` of the LiDAR pillar detector. A student feature on another grid is resampled
@@ -86,6 +92,10 @@ class DistillBEVArgs:
     fp_scale: str = "dfs"                # dfs | average
     w_mse: float = 4e-2                  # mode mse
     cache_teacher: bool = True
+    # adapting the released weights to another scale (not in the paper; all arms that distil, mse included):
+    kd_scale: float = 1.0                # every KD term times this
+    kd_norm: bool = False                # true: the KD sum rescaled to kd_scale x the detection loss (detached ratio)
+    warmup: float = 0.0                  # epochs of linear KD warm-up from 0 (0: none)
 
 
 @dataclass
@@ -128,6 +138,29 @@ class DistillBEVModule(CameraBEVModule):
         if f_s.shape[-2:] != size:
             f_s = F.interpolate(f_s, size=size, mode="bilinear", align_corners=False)
         return self.adapters[index](f_s)
+
+    def kd_factor(self, progress: float, det: Tensor, kd: Tensor) -> Tensor:
+        """The factor on every KD term: kd_scale, times det / kd (detached) when kd_norm, times min(1, progress /
+        warmup) when warming up."""
+        a = self.args
+        f = torch.tensor(a.kd_scale, device=kd.device)
+        if a.kd_norm:
+            f = f * det.detach() / kd.detach().clamp_min(1e-12)
+        if a.warmup > 0:
+            f = f * min(1.0, progress / a.warmup)
+        return f
+
+    def forward(self, batch: CameraBEVBatch):
+        step = super().forward(batch)
+        a = self.args
+        kd_names = [k for k, g in step.groups.items() if g == "distill"]
+        if kd_names and (a.kd_scale != 1.0 or a.kd_norm or a.warmup > 0):
+            det = sum(step.losses[k].float() for k in ("heatmap", "box") if k in step.losses)
+            kd = sum(step.losses[k].float() for k in kd_names)
+            f = self.kd_factor(batch.progress, det, kd)
+            for k in kd_names:
+                step.losses[k] = step.losses[k] * f
+        return step
 
     def extra_losses(self, batch: CameraBEVBatch, student: dict[str, Tensor], teacher: dict[str, Tensor] | None
                      ) -> dict[str, Tensor]:
@@ -232,6 +265,8 @@ def check_args(cfg: DistillBEVRecipe, source: str) -> None:
     if a.fp not in ("none", "teacher") or a.fp_scale not in ("dfs", "average"):
         raise ConfigError(f"{source}: distill.fp must be none or teacher and distill.fp_scale dfs or average, got "
                           f"{a.fp!r}, {a.fp_scale!r}")
+    if not (a.kd_scale >= 0 and a.warmup >= 0):
+        raise ConfigError(f"{source}: distill.kd_scale and distill.warmup must be >= 0, got {a.kd_scale}, {a.warmup}")
     if not (0 < a.fp_threshold < 1 and 0 < a.fp_gt_threshold <= 1):
         raise ConfigError(f"{source}: distill.fp_threshold must be in (0, 1) and fp_gt_threshold in (0, 1]")
     if cfg.data.format != "procedural":

@@ -313,6 +313,7 @@ class CameraBEVBatch(BEVBatch):
     T: Tensor = field(default_factory=lambda: torch.zeros(0))
     depth: Tensor = field(default_factory=lambda: torch.zeros(0))     # (B, V, h, w) bin targets, -1 unknown
     boxes: list[Tensor] = field(default_factory=list)                 # ground-truth boxes (M, 7) of each scene
+    progress: float = 0.0                                             # epochs done at this step (warm-ups)
 
 
 # ------------------------------------------------------------------------------------- module and task
@@ -400,7 +401,8 @@ class CameraBEVTask(BEVDetectionTask):
         d, s = self.device, self.train
         return CameraBEVBatch(points.to(d), batch.to(d), len(idx), s.heat[idx].to(d), s.reg[idx].to(d),
                               s.mask[idx].to(d), idx.to(d), images.to(d), K.to(d), T.to(d),
-                              s.depth_target[idx].to(d), [s.boxes[i] for i in idx.tolist()])
+                              s.depth_target[idx].to(d), [s.boxes[i] for i in idx.tolist()],
+                              k / self.steps_per_epoch())
 
     @torch.no_grad()
     def outputs(self, model: nn.Module, split: SceneSplit, index: list[int]) -> dict[str, Tensor]:
