@@ -342,6 +342,8 @@ class Trainer:
                               f"--resume {self.run_dir}", 130) from None
         finally:
             tb.close()
+            if self.pipeline is not None:      # join the teacher worker before evaluation and process exit
+                self.pipeline.close()
         return self._finish(time.time() - start)
 
     def _stop_requested(self) -> int | None:
