@@ -46,9 +46,9 @@ from torch import Tensor, nn
 
 from kdforge.distill.distiller import Step
 from kdforge.errors import KdforgeError
-from kdforge.tasks.base import rank_share, stream_batch
 from kdforge.tasks.pointcloud.cameras import MultiView, camera_rig, render_views
 from kdforge.tasks.pointcloud.geometry import project, unproject
+from kdforge.tasks.pointcloud.metrics import detection_ap
 from kdforge.tasks.pointcloud.models import BEVDetector, DetectorConfig, centerpoint_loss
 from kdforge.tasks.pointcloud.scenes import Scene, SceneSpec
 from kdforge.tasks.pointcloud.task import BEVBatch, BEVDetectionTask, BEVDetectorModule, EvalConfig, SceneSplit
@@ -395,7 +395,7 @@ class CameraBEVTask(BEVDetectionTask):
 
     def batch(self, epoch: int, step: int, env: DistEnv) -> CameraBEVBatch:
         k = epoch * self.steps_per_epoch() + step
-        idx = rank_share(stream_batch(len(self.train), self.batch_size, k, self.seed, 31), env)
+        idx = self.batch_index(epoch, step, env)
         points, batch = self.train.inputs(idx)
         images, K, T = self.train.camera_inputs(idx)
         d, s = self.device, self.train
@@ -459,25 +459,11 @@ def centre_distance_ap(detections: list, ground_truth: list, class_names: list[s
     """nuScenes-style detection AP: a detection matches the nearest unmatched ground-truth centre of its class within
     d metres (BEV centre distance, greedy in score order), AP (KITTI R40 integration here) averaged over the
     thresholds d; {'<class>': %, 'mean': mean over classes with ground truth}."""
-    from kdforge.tasks.pointcloud.metrics import average_precision, match_scene
-
     def closeness(a: Tensor, b: Tensor) -> Tensor:          # in (0, 1], decreasing with the centre distance
         return 1.0 / (1.0 + torch.cdist(a[:, :2].double(), b[:, :2].double()))
 
-    out: dict[str, float] = {}
-    for c, name in enumerate(class_names):
-        num_gt = sum(int((gl == c).sum()) for _, gl in ground_truth)
-        if not num_gt:
-            continue
-        aps = []
-        for d in thresholds:
-            scores, flags = [], []
-            for (boxes, sc, lab), (gt, gl) in zip(detections, ground_truth, strict=True):
-                k = lab == c
-                scores.append(sc[k].cpu())
-                flags.append(match_scene(boxes[k].cpu(), sc[k].cpu(), gt[gl == c].cpu(), 1.0 / (1.0 + d) - 1e-12,
-                                         closeness))
-            aps.append(average_precision(torch.cat(scores), torch.cat(flags), num_gt))
-        out[name] = 100.0 * sum(aps) / len(aps)
+    per = [detection_ap(detections, ground_truth, class_names, 1.0 / (1.0 + d) - 1e-12, closeness)
+           for d in thresholds]
+    out = {name: sum(p[name] for p in per) / len(per) for name in class_names if name in per[0]}
     out["mean"] = sum(out.values()) / len(out) if out else 0.0
     return out

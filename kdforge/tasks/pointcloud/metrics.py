@@ -61,14 +61,17 @@ def match_scene(det_boxes: Tensor, det_scores: Tensor, gt_boxes: Tensor, thresho
 
 
 def detection_ap(detections: Sequence[Detections], ground_truth: Sequence[tuple[Tensor, Tensor]],
-                 class_names: Sequence[str], thresholds: dict[str, float] | float, kind: str = "bev"
-                 ) -> dict[str, float]:
-    """{'<class>': AP %, 'mean': mean over classes with ground truth} at the classes' IoU thresholds."""
+                 class_names: Sequence[str], thresholds: dict[str, float] | float,
+                 kind: str | Callable[[Tensor, Tensor], Tensor] = "bev") -> dict[str, float]:
+    """{'<class>': AP %, 'mean': mean over classes with ground truth} at the classes' IoU thresholds.
+
+    `kind` is the overlap: "bev" or "3d" IoU, or any (det, gt) -> (D, G) similarity matched against
+    the thresholds (e.g. a centre-distance closeness)."""
     if len(detections) != len(ground_truth):
         raise KdforgeError(f"detection_ap: {len(detections)} scenes of detections but {len(ground_truth)} of truth")
-    if kind not in ("bev", "3d"):
+    if not callable(kind) and kind not in ("bev", "3d"):
         raise KdforgeError(f"detection_ap: kind must be 'bev' or '3d', got {kind!r}")
-    iou = bev_iou if kind == "bev" else iou_3d
+    iou = kind if callable(kind) else bev_iou if kind == "bev" else iou_3d
     out: dict[str, float] = {}
     for c, name in enumerate(class_names):
         thr = thresholds if isinstance(thresholds, float) else thresholds.get(name, 0.5)
