@@ -660,17 +660,9 @@ class UPVLModule(BEVDetectorModule):
 def recall_flags(boxes: Tensor, scores: Tensor, gt: Tensor, threshold: float) -> Tensor:
     """(M,) bool: GT boxes matched one-to-one by detections (greedy in score order, BEV IoU >= threshold)."""
     from kdforge.tasks.pointcloud.iou import bev_iou
+    from kdforge.tasks.pointcloud.metrics import greedy_match
 
-    hit = torch.zeros(len(gt), dtype=torch.bool)
-    if len(boxes) == 0 or len(gt) == 0:
-        return hit
-    overlaps = bev_iou(boxes, gt)
-    for d in torch.argsort(scores.double(), descending=True, stable=True).tolist():
-        cand = overlaps[d].masked_fill(hit, -1.0)
-        best = int(cand.argmax())
-        if float(cand[best]) >= threshold:
-            hit[best] = True
-    return hit
+    return greedy_match(boxes, scores, gt, threshold, bev_iou)[1]
 
 
 @dataclass

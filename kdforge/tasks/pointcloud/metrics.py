@@ -17,7 +17,7 @@ from torch import Tensor
 from kdforge.errors import KdforgeError
 from kdforge.tasks.pointcloud.iou import bev_iou, iou_3d
 
-__all__ = ["KITTI_IOU", "Detections", "average_precision", "detection_ap", "match_scene"]
+__all__ = ["KITTI_IOU", "Detections", "average_precision", "detection_ap", "greedy_match", "match_scene"]
 
 # KITTI's official thresholds per class (car 0.7, pedestrian / cyclist 0.5)
 KITTI_IOU = {"car": 0.7, "pedestrian": 0.5, "cyclist": 0.5}
@@ -43,21 +43,28 @@ def average_precision(scores: Tensor, true_positive: Tensor, num_gt: int, recall
     return total / recall_points
 
 
-def match_scene(det_boxes: Tensor, det_scores: Tensor, gt_boxes: Tensor, threshold: float,
-                iou: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """True-positive flags of one scene's detections (greedy in score order, each GT matched once)."""
+def greedy_match(det_boxes: Tensor, det_scores: Tensor, gt_boxes: Tensor, threshold: float,
+                 iou: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """(matched detections (D,), matched ground truth (G,)) of one scene: detections in score order each
+    take the best-overlapping unmatched GT box when the overlap reaches `threshold`."""
     flags = torch.zeros(len(det_boxes), dtype=torch.bool)
-    if len(det_boxes) == 0 or len(gt_boxes) == 0:
-        return flags
-    overlaps = iou(det_boxes, gt_boxes)
     used = torch.zeros(len(gt_boxes), dtype=torch.bool)
+    if len(det_boxes) == 0 or len(gt_boxes) == 0:
+        return flags, used
+    overlaps = iou(det_boxes, gt_boxes)
     for d in torch.argsort(det_scores.double(), descending=True, stable=True).tolist():
         cand = overlaps[d].masked_fill(used, -1.0)
         best = int(cand.argmax())
         if float(cand[best]) >= threshold:
             used[best] = True
             flags[d] = True
-    return flags
+    return flags, used
+
+
+def match_scene(det_boxes: Tensor, det_scores: Tensor, gt_boxes: Tensor, threshold: float,
+                iou: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """True-positive flags of one scene's detections (greedy in score order, each GT matched once)."""
+    return greedy_match(det_boxes, det_scores, gt_boxes, threshold, iou)[0]
 
 
 def detection_ap(detections: Sequence[Detections], ground_truth: Sequence[tuple[Tensor, Tensor]],
