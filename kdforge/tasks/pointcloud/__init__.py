@@ -2,7 +2,8 @@
 
 * `scenes`: procedural LiDAR scenes from one `SceneSpec` (ground, categories, clutter poles,
   oriented boxes, per-point semantic labels); `sequences`: short sequences of them with parked and
-  moving objects; `kitti`: a user's KITTI-style `.bin` / label / calib files (one-line errors).
+  moving objects, and `autolabel` boxes from their motion; `kitti`: a user's KITTI-style `.bin` /
+  label / calib files (one-line errors).
 * `cameras`: pinhole multi-camera RGB / depth / label renderings of the same scenes (ray cast) and
   the points each camera sees; `geometry`: projection / unprojection (kornia), voxelisation with
   its inverse map.
