@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdforge.errors import KdforgeError
-from kdforge.tasks.pointcloud.geometry import voxelize
+from kdforge.tasks.pointcloud.geometry import scatter_mean, voxelize
 
 __all__ = ["assign_cosine", "confusion", "hungarian_miou", "kmeans_cosine", "segment_mean", "supervoxels"]
 
@@ -44,12 +44,7 @@ def supervoxels(points: Tensor, batch: Tensor | None, voxel: float, bins: int, l
 
 def segment_mean(values: Tensor, ids: Tensor, num: int | None = None) -> Tensor:
     """(num, C) mean of `values` (N, C) over the points of each id (ids -1 are ignored; empty ids give 0)."""
-    num = int(ids.max()) + 1 if num is None else num
-    keep = ids >= 0
-    out = values.new_zeros(num, values.shape[1])
-    out.index_add_(0, ids[keep], values[keep])
-    count = torch.bincount(ids[keep], minlength=num).clamp_min(1).to(values.dtype)
-    return out / count[:, None]
+    return scatter_mean(values, ids, int(ids.max()) + 1 if num is None else num)
 
 
 def kmeans_cosine(x: Tensor, k: int, seed: int, iters: int = 80, n_init: int = 3) -> Tensor:
