@@ -70,7 +70,7 @@ from kdforge.config import OptimConfig, ScheduleConfig
 from kdforge.distill.distiller import Step
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.registry import METHODS
-from kdforge.tasks.base import Task, TaskModule, rank_share, seeded_generator, stream_batch
+from kdforge.tasks.base import SampledTask, TaskModule, seeded_generator
 from kdforge.tasks.common import LoopConfig
 from kdforge.tasks.pointcloud.clusters import assign_cosine, hungarian_miou, kmeans_cosine, segment_mean, supervoxels
 from kdforge.tasks.pointcloud.scenes import Scene, SceneSpec, procedural_scenes, semantic_names
@@ -282,6 +282,9 @@ class SceneData:
     visible: list[Tensor]         # (N_i,) seen by a camera (point_pixels)
     seen: list[Tensor]            # (N_i,) visible and its pixel has a feature (before the super-voxel fill)
 
+    def __len__(self) -> int:
+        return len(self.points)
+
 
 _DATA_CACHE: dict[str, tuple[SceneData, SceneData, dict[str, Any]]] = {}
 
@@ -437,8 +440,9 @@ def _augment(points: Tensor, g: torch.Generator) -> Tensor:
     return out
 
 
-class PointDCTask(Task):
+class PointDCTask(SampledTask):
     name = "pointcloud_unsup_seg"
+    stream = 41
     ddp_note = ("the per-point losses are averaged per process and the k-means pseudo-labels / evaluation run on "
                 "the whole training set; untested under torchrun")
 
@@ -463,13 +467,11 @@ class PointDCTask(Task):
         return self.module.to(device)
 
     def steps_per_epoch(self) -> int:
-        if self.module.stage == "raw":
-            return 1
-        return max(1, len(self.train.points) // self.batch_size)
+        return 1 if self.module.stage == "raw" else super().steps_per_epoch()
 
     def batch(self, epoch: int, step: int, env: DistEnv) -> PointBatch:
         k = epoch * self.steps_per_epoch() + step
-        idx = rank_share(stream_batch(len(self.train.points), self.batch_size, k, self.seed, 41), env).tolist()
+        idx = self.batch_index(epoch, step, env).tolist()
         g = seeded_generator(self.seed, 43, k)
         starts = torch.tensor([0, *self.sizes]).cumsum(0)
         pts, tg, ps, bt = [], [], [], []
