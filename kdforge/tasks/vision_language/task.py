@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from kdforge.distill.distiller import Step
 from kdforge.errors import KdforgeError
 from kdforge.losses.tinyclip import affinity_mimicking_loss, clip_contrastive_loss
-from kdforge.tasks.base import Task, TaskModule, rank_share, stream_batch
+from kdforge.tasks.base import SampledTask, TaskModule
 from kdforge.tasks.vision_language.data import PairData, class_prompts
 from kdforge.tasks.vision_language.metrics import retrieval_recall, similarity, zero_shot_accuracy
 from kdforge.tasks.vision_language.models import count_parameters, encode_images, encode_texts, logit_scale, pixels
@@ -118,8 +118,10 @@ def embed(model: nn.Module, pairs: EncodedPairs, prompts: tuple[Tensor, Tensor],
     return torch.cat(imgs), torch.cat(txts), prm
 
 
-class VisionLanguageTask(Task):
+class VisionLanguageTask(SampledTask):
     """Contrastive image-text training on procedural pairs; zero-shot and retrieval metrics."""
+
+    stream = 11
 
     name = "vision_language"
     eval_split = "val"
@@ -148,13 +150,14 @@ class VisionLanguageTask(Task):
         self.device = device
         return self.module.to(device)
 
-    def steps_per_epoch(self) -> int:
-        return max(1, len(self.splits["train"]) // self.batch_size)
+    @property
+    def train(self) -> Any:
+        """The training split (what SampledTask draws batches from)."""
+        return self.splits["train"]
 
     def batch(self, epoch: int, step: int, env: DistEnv) -> VLBatch:
         train = self.splits["train"]
-        k = epoch * self.steps_per_epoch() + step
-        idx = rank_share(stream_batch(len(train), self.batch_size, k, self.seed, 11), env)
+        idx = self.batch_index(epoch, step, env)
         return VLBatch(pixels(train.data.images[idx]).to(self.device), train.input_ids[idx].to(self.device),
                        train.attention_mask[idx].to(self.device), idx.to(self.device))
 

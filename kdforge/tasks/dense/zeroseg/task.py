@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from kdforge.distill.distiller import Step
 from kdforge.errors import ConfigError, KdforgeError
 from kdforge.losses.zeroseg import multiscale_global_l1, segment_matching_l1
-from kdforge.tasks.base import Task, TaskModule, rank_share, seeded_generator, stream_batch
+from kdforge.tasks.base import SampledTask, TaskModule, seeded_generator
 from kdforge.tasks.dense.metrics import miou
 from kdforge.tasks.dense.zeroseg.canvases import BACKGROUND, Canvases, num_classes
 from kdforge.tasks.dense.zeroseg.student import ZeroSegStudent, patchify
@@ -173,10 +173,11 @@ def choose_threshold(labels: Tensor, scores: Tensor, masks: Tensor, classes: int
     return best
 
 
-class ZeroSegTask(Task):
+class ZeroSegTask(SampledTask):
     """ZeroSeg training on canvases; zero-shot mIoU with the background threshold chosen on val."""
 
     name = "zeroseg"
+    stream = 31
     ddp_note = "the teacher's view cache and the threshold search are built for one process; run it in one process"
 
     def __init__(self, module: ZeroSegModule, splits: dict[str, Canvases], teacher: nn.Module, text: Tensor,
@@ -204,13 +205,15 @@ class ZeroSegTask(Task):
             self.views = encode_views(self.teacher, self.splits["train"].images, self.grids, device=device)
         return self.module.to(device)
 
-    def steps_per_epoch(self) -> int:
-        return max(1, len(self.splits["train"]) // self.batch_size)
+    @property
+    def train(self) -> Any:
+        """The training split (what SampledTask draws batches from)."""
+        return self.splits["train"]
 
     def batch(self, epoch: int, step: int, env: DistEnv) -> ZeroSegBatch:
         train = self.splits["train"]
         k = epoch * self.steps_per_epoch() + step
-        idx = rank_share(stream_batch(len(train), self.batch_size, k, self.seed, 31), env)
+        idx = self.batch_index(epoch, step, env)
         keep = None
         ratio = self.module.switches.mask_ratio
         if ratio > 0:
