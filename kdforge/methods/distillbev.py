@@ -295,8 +295,7 @@ class DistillBEV:
 
         def make_module(student, teacher) -> DistillBEVModule:
             module = DistillBEVModule(student, teacher, cfg.distill)
-            if not cfg.distill.cache_teacher:
-                module.bind_training_data = lambda split: None          # type: ignore[method-assign]
+            module.cache_teacher = cfg.distill.cache_teacher
             return module
 
         return run_bev(cfg, DistillBEVRecipe, run_dir, trainer, text, make_module,

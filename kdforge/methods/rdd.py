@@ -116,30 +116,10 @@ class RDDModule(BEVDetectorModule):
         self.args = args
         self.distilling = teacher is not None and (args.alpha_feat > 0 or args.alpha_logit > 0)
         self.adapter = _adapter(student.channels, teacher.channels) if self.distilling else None
-        self._cache: dict[str, Tensor] | None = None
-        self._train_inputs = None
+        self.cache_teacher = args.cache_teacher
 
     def uses_teacher(self) -> bool:
         return self.distilling
-
-    def bind_training_data(self, split: Any) -> None:
-        """The training split whose teacher outputs `cache_teacher` computes once (no weights, not saved)."""
-        self._train_inputs = split
-
-    def teacher_outputs(self, batch: BEVBatch) -> dict[str, Tensor]:
-        if not (self.args.cache_teacher and self._train_inputs is not None):
-            with torch.no_grad():
-                return self.teacher(batch.points, batch.batch, batch.size)
-        device = batch.points.device
-        if self._cache is None or self._cache["heatmap"].device != device:
-            split, parts = self._train_inputs, []
-            with torch.no_grad():
-                for start in range(0, len(split), 32):       # fixed chunks: the cache never depends on the batches
-                    idx = list(range(start, min(start + 32, len(split))))
-                    points, scene = split.inputs(idx)
-                    parts.append(self.teacher(points.to(device), scene.to(device), len(idx)))
-            self._cache = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        return {k: v[batch.index] for k, v in self._cache.items()}
 
     def forward(self, batch: BEVBatch) -> Step:
         out = self.student(batch.points, batch.batch, batch.size)

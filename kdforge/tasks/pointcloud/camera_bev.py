@@ -334,35 +334,15 @@ class CameraBEVModule(BEVDetectorModule):
 
     def __init__(self, student: CameraBEVDetector, teacher: BEVDetector | None = None) -> None:
         super().__init__(student, teacher)
-        self._cache: dict[str, Tensor] | None = None
-        self._train_inputs: SceneSplit | None = None
-
-    def bind_training_data(self, split: SceneSplit) -> None:
-        self._train_inputs = split
 
     def teacher_keys(self) -> tuple[str, ...]:
         """The teacher taps a method reads (cached on the training scenes)."""
         return ("neck", "heatmap")
 
-    def teacher_outputs(self, batch: BEVBatch) -> dict[str, Tensor]:
-        """The frozen LiDAR teacher's taps on the batch's scenes, from a cache over the training split computed once
-        in fixed chunks (so it never depends on the batches); directly when no split is bound."""
-        keys = self.teacher_keys()
-        if self._train_inputs is None:
-            with torch.no_grad():
-                out = lidar_taps(self.teacher, batch.points, batch.batch, batch.size)
-            return {k: out[k] for k in keys}
-        device = batch.points.device
-        if self._cache is None or next(iter(self._cache.values())).device != device:
-            split, parts = self._train_inputs, []
-            with torch.no_grad():
-                for start in range(0, len(split), 32):
-                    idx = list(range(start, min(start + 32, len(split))))
-                    points, scene = split.inputs(idx)
-                    out = lidar_taps(self.teacher, points.to(device), scene.to(device), len(idx))
-                    parts.append({k: out[k] for k in keys})
-            self._cache = {k: torch.cat([p[k] for p in parts]) for k in keys}
-        return {k: v[batch.index] for k, v in self._cache.items()}
+    def teacher_taps(self, points: Tensor, batch: Tensor, size: int) -> dict[str, Tensor]:
+        """The frozen LiDAR teacher's taps a method reads (`teacher_keys`); cached on the training scenes."""
+        out = lidar_taps(self.teacher, points, batch, size)
+        return {k: out[k] for k in self.teacher_keys()}
 
     def forward(self, batch: CameraBEVBatch) -> Step:
         out = self.student(batch.images, batch.K, batch.T)

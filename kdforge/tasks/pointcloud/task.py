@@ -195,12 +195,44 @@ class BEVBatch:
 
 
 class BEVDetectorModule(TaskModule):
-    """A student detector (trained) and an optional frozen teacher (`teachers`); methods add `extra_losses`."""
+    """A student detector (trained) and an optional frozen teacher (`teachers`); methods add `extra_losses`.
+
+    `teacher_outputs(batch)` gives a method the frozen teacher's outputs (`teacher_taps`) on the
+    batch's scenes: the task binds its fixed training split (`bind_training_data`) and, while
+    `cache_teacher` is true, they are computed once over it in fixed chunks (identical values,
+    never dependent on the batches) and indexed; otherwise the teacher runs on the batch.
+    """
+
+    cache_teacher = True
 
     def __init__(self, student: BEVDetector, teacher: BEVDetector | None = None) -> None:
         super().__init__()
         self.student = student
         self.teachers = nn.ModuleDict({} if teacher is None else {"teacher": teacher.requires_grad_(False)})
+        self._teacher_cache: dict[str, Tensor] | None = None
+        self._train_inputs: Any = None
+
+    def bind_training_data(self, split: Any) -> None:
+        """The training split whose teacher outputs the cache holds (no weights, not saved)."""
+        self._train_inputs = split
+
+    def teacher_taps(self, points: Tensor, batch: Tensor, size: int) -> dict[str, Tensor]:
+        """The teacher outputs a method reads (all of them here)."""
+        return self.teacher(points, batch, size)
+
+    @torch.no_grad()
+    def teacher_outputs(self, batch: BEVBatch) -> dict[str, Tensor]:
+        if not (self.cache_teacher and self._train_inputs is not None):
+            return self.teacher_taps(batch.points, batch.batch, batch.size)
+        device = batch.points.device
+        if self._teacher_cache is None or next(iter(self._teacher_cache.values())).device != device:
+            split, parts = self._train_inputs, []
+            for start in range(0, len(split), 32):       # fixed chunks: the cache never depends on the batches
+                idx = list(range(start, min(start + 32, len(split))))
+                points, scene = split.inputs(idx)
+                parts.append(self.teacher_taps(points.to(device), scene.to(device), len(idx)))
+            self._teacher_cache = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return {k: v[batch.index] for k, v in self._teacher_cache.items()}
 
     def eval_model(self) -> nn.Module:
         return self.student
