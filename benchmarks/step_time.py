@@ -11,11 +11,16 @@ resnet32x4 (teacher) -> resnet8x4 (student), 100 classes, batch 64 of 3x32x32 pr
   thread while the student steps (`trainer.teacher_pipeline`), each side with half the threads.
 * ``cached``: the same Distiller, with `Batch.teacher_outputs` from `TeacherCache.lookup` (the
   cache of the same teacher on the same views is built once beforehand, not timed).
+* ``online_frozen`` / ``pipelined_frozen``: `online` / `pipelined` with the teacher's forward as a
+  frozen TorchScript graph (`trainer.teacher_freeze`, on by default on CPU: BN folded, weights
+  prepacked for oneDNN); ``online_frozen_cl`` also keeps the student in channels_last
+  (`trainer.channels_last: true`).
 * ``pipelined_bf16``: `pipelined` with the teacher's forward in bf16 autocast
   (`trainer.teacher_precision: bf16`).
-* ``teacher_half`` / ``plain_half``: the teacher's forward alone and the student's CE step alone,
-  each on half the threads: the pipeline's floor on this machine is the larger of the two
-  (``floor_vs_reference``), whatever the pipeline's own overhead.
+* ``teacher_half`` / ``teacher_half_frozen`` / ``plain_half``: the teacher's forward alone (eager,
+  frozen) and the student's CE step alone, each on half the threads: a pipeline's floor on this
+  machine is the larger of its teacher's and the student's (``floor_vs_reference``,
+  ``floor_frozen_vs_reference``), whatever the pipeline's own overhead.
 
 Every variant builds its batches the same way (gather + crop/flip + normalize on the device).
 Each trains its own copy of the same student. Variants are timed in interleaved rounds (each
@@ -23,7 +28,9 @@ round runs `--chunk` consecutive steps of every variant, so the pipeline's fill 
 a chunk is paid inside the timing), so background load hits all alike. `--threads` is the total
 thread budget: the sequential variants use all of it, the pipelined one half per side. The last
 line is ``pipelined_vs_reference=<p/r> online_vs_reference=<o/r> cached_vs_plain=<c/a>
-online_vs_plain=<o/a> pipelined_bf16_vs_reference=<p16/r> floor_vs_reference=<max(t/2, a/2)/r>``.
+online_vs_plain=<o/a> online_frozen_vs_reference=<bf/r> online_frozen_cl_vs_reference=<bfc/r>
+pipelined_frozen_vs_reference=<pf/r> pipelined_bf16_vs_reference=<p16/r>
+floor_vs_reference=<max(t/2, a/2)/r> floor_frozen_vs_reference=<max(tf/2, a/2)/r>``.
 
     python benchmarks/step_time.py --quick
     python benchmarks/step_time.py --device cuda --amp bf16 --channels-last
@@ -174,27 +181,33 @@ DESC = {"reference": "(r) reference KD step (plain re-implementation)",
         "plain": "(a) student alone: CE + SGD step",
         "online": "(b) kdforge online KD, sequential teacher",
         "pipelined": "(p) kdforge online KD, pipelined teacher",
+        "online_frozen": "(bf) online KD, sequential, frozen teacher graph",
+        "online_frozen_cl": "(bfc) online KD, sequential, frozen teacher, channels_last student",
+        "pipelined_frozen": "(pf) online KD, pipelined, frozen teacher graph",
         "cached": "(c) kdforge KD from the teacher-output cache",
         "pipelined_bf16": "(p16) pipelined, teacher forward in bf16 autocast",
         "teacher_half": "(t/2) teacher forward alone, half the threads",
+        "teacher_half_frozen": "(tf/2) frozen teacher graph alone, half the threads",
         "plain_half": "(a/2) student CE step alone, half the threads"}
 
 
 class TeacherForward:
-    """The teacher's forward alone (no_grad), as the pipeline's worker runs it."""
+    """The teacher's forward alone, as the pipeline's worker runs it (`Distiller.teacher_outputs`)."""
 
-    def __init__(self, teacher: nn.Module, inputs: Inputs, amp: torch.dtype | None, threads: int) -> None:
-        self.name, self.inputs, self.amp, self.threads = "teacher_half", inputs, amp, threads
-        self.teacher = teacher.to(inputs.device).eval()
+    def __init__(self, name: str, distiller: Distiller, inputs: Inputs, amp: torch.dtype | None,
+                 threads: int) -> None:
+        self.name, self.distiller, self.inputs, self.amp, self.threads = name, distiller, inputs, amp, threads
+        distiller.setup(inputs.prepare(inputs.images[:2]), inputs.images.shape[0])
+        distiller.to(inputs.device)
         if inputs.channels_last:
-            self.teacher.to(memory_format=torch.channels_last)
+            distiller.to(memory_format=torch.channels_last)
 
     def run(self, indices: list[Tensor], first_step: int) -> None:
         ctx = (lambda: torch.autocast(self.inputs.device.type, dtype=self.amp)) if self.amp else contextlib.nullcontext
         for k, index in enumerate(indices):
             batch = self.inputs.batch(index, first_step + k)
-            with ctx(), torch.no_grad():
-                self.teacher(batch.images)
+            with ctx():
+                self.distiller.teacher_outputs(batch.images)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -252,16 +265,26 @@ def main(argv: list[str] | None = None) -> None:
         distiller.set_teacher_execution(torch.bfloat16)
         return distiller
 
+    def frozen_teacher(distiller: Distiller) -> Distiller:
+        distiller.set_teacher_execution(freeze=True, log=print)
+        return distiller
+
+    inputs_cl = Inputs(inputs.images, inputs.labels, data.mean, data.std, device, True)
+    half = max(1, args.threads // 2)
+
     variants = [
         Reference(copy.deepcopy(student), copy.deepcopy(teacher), inputs, amp, args.threads),
         Variant("plain", Distiller(copy.deepcopy(student), None, terms(False)), inputs, amp, args.threads),
         Variant("online", kd_distiller(), inputs, amp, args.threads),
         Variant("pipelined", kd_distiller(), inputs, amp, args.threads, pipelined=True),
         Variant("cached", kd_distiller(), inputs, amp, args.threads, cache=cache),
+        Variant("online_frozen", frozen_teacher(kd_distiller()), inputs, amp, args.threads),
+        Variant("online_frozen_cl", frozen_teacher(kd_distiller()), inputs_cl, amp, args.threads),
+        Variant("pipelined_frozen", frozen_teacher(kd_distiller()), inputs, amp, args.threads, pipelined=True),
         Variant("pipelined_bf16", bf16_teacher(kd_distiller()), inputs, amp, args.threads, pipelined=True),
-        TeacherForward(copy.deepcopy(teacher), inputs, amp, max(1, args.threads // 2)),
-        Variant("plain_half", Distiller(copy.deepcopy(student), None, terms(False)), inputs, amp,
-                max(1, args.threads // 2)),
+        TeacherForward("teacher_half", kd_distiller(), inputs, amp, half),
+        TeacherForward("teacher_half_frozen", frozen_teacher(kd_distiller()), inputs, amp, half),
+        Variant("plain_half", Distiller(copy.deepcopy(student), None, terms(False)), inputs, amp, half),
     ]
     order = epoch_order(args.cache_samples, SEED, 0).to(device)
     per_epoch = max(1, args.cache_samples // args.batch)
@@ -278,9 +301,14 @@ def main(argv: list[str] | None = None) -> None:
     ratios = {"pipelined_vs_reference": med["pipelined"] / med["reference"],
               "online_vs_reference": med["online"] / med["reference"],
               "cached_vs_plain": med["cached"] / med["plain"], "online_vs_plain": med["online"] / med["plain"],
+              "online_frozen_vs_reference": med["online_frozen"] / med["reference"],
+              "online_frozen_cl_vs_reference": med["online_frozen_cl"] / med["reference"],
+              "pipelined_frozen_vs_reference": med["pipelined_frozen"] / med["reference"],
               "pipelined_bf16_vs_reference": med["pipelined_bf16"] / med["reference"],
-              "floor_vs_reference": max(med["teacher_half"], med["plain_half"]) / med["reference"]}
-    per_round = [p / r for p, r in zip(times["pipelined"], times["reference"])]
+              "floor_vs_reference": max(med["teacher_half"], med["plain_half"]) / med["reference"],
+              "floor_frozen_vs_reference": max(med["teacher_half_frozen"], med["plain_half"]) / med["reference"]}
+    per_round = {k: [v / r for v, r in zip(times[k], times["reference"])]
+                 for k in ("pipelined", "pipelined_frozen", "online_frozen", "online_frozen_cl")}
 
     setting = (f"resnet32x4 -> resnet8x4, {NUM_CLASSES} classes, batch {args.batch} of 3x32x32, {args.warmup} "
                f"warm-up + {args.rounds} timed rounds of {args.chunk} consecutive steps per variant (interleaved), "
@@ -292,15 +320,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"cache build (resnet32x4 over {args.cache_samples} samples, K=1, not timed below): {build_s:.1f} s\n")
     for k in DESC:
         print(f"{DESC[k]:<50}  median {med[k]:8.1f} ms/step  (min {min(times[k]):.1f} max {max(times[k]):.1f})")
-    print(f"pipelined / reference per round: min {min(per_round):.2f} max {max(per_round):.2f}")
+    for k, ratios_k in per_round.items():
+        print(f"{k} / reference per round: min {min(ratios_k):.2f} max {max(ratios_k):.2f}")
 
     md = ["# Step time: the reference KD step vs kdforge's sequential, pipelined and cached KD", "", setting + ".",
           "", "| variant | median ms/step | min | max | vs reference | vs plain |", "|---|---:|---:|---:|---:|---:|"]
     md += [f"| {DESC[k]} | {med[k]:.1f} | {min(times[k]):.1f} | {max(times[k]):.1f} | "
            f"{med[k] / med['reference']:.2f}x | {med[k] / med['plain']:.2f}x |" for k in DESC]
     md += ["", "**" + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()) + "**", "",
-           f"Pipelined / reference per round: median {statistics.median(per_round):.2f}, min {min(per_round):.2f}, "
-           f"max {max(per_round):.2f}.", "",
+           *[f"{k} / reference per round: median {statistics.median(v):.2f}, min {min(v):.2f}, max {max(v):.2f}."
+             for k, v in per_round.items()], "",
            f"Cache build (not timed above): {build_s:.1f} s for {args.cache_samples} samples x 1 epoch.", "",
            "Machine:", *[f"- {line}" for line in machine],
            "- the CPU cores may be shared with other jobs running at the same time, so absolute times are "

@@ -1,8 +1,9 @@
-"""The frozen teacher's forward in fp32 vs bf16 autocast vs channels_last on CPU: speed and top-1.
+"""The frozen teacher's forward in fp32 vs bf16 autocast vs channels_last vs a frozen graph on CPU: speed, top-1.
 
-Why: online KD pays a teacher forward every step; `trainer.teacher_precision` (fp32 | bf16) and
-`trainer.teacher_channels_last` make it cheaper where the hardware has it (AVX512-BF16 / AMX
-CPUs), but only if the teacher's predictions stay the same. This script measures both in one
+Why: online KD pays a teacher forward every step; `trainer.teacher_precision` (fp32 | bf16),
+`trainer.teacher_channels_last` and `trainer.teacher_freeze` (a frozen TorchScript graph, BN
+folded and weights prepacked for oneDNN; float32) make it cheaper where the hardware has it
+(AVX512-BF16 / AMX CPUs for bf16), but only if the teacher's predictions stay the same. This script measures both in one
 run: the median ms of a batch-64 teacher forward for each mode (interleaved rounds, for the
 demo's teacher and for resnet32x4 at 32x32), and the demo teacher's test top-1 on the demo data
 in each mode. A mode qualifies as the default when its top-1 is within 0.1 points of fp32's; the
@@ -40,13 +41,15 @@ from kdforge.train.build import load_data  # noqa: E402
 from kdforge.train.checkpoint import atomic_write_text, load_checkpoint  # noqa: E402
 from kdforge.train.trainer import Trainer  # noqa: E402
 
-MODES = {"fp32": (None, False), "bf16": (torch.bfloat16, False), "channels_last": (None, True),
-         "bf16+channels_last": (torch.bfloat16, True)}
+MODES = {"fp32": (None, False, False), "bf16": (torch.bfloat16, False, False), "channels_last": (None, True, False),
+         "bf16+channels_last": (torch.bfloat16, True, False), "frozen": (None, False, True)}
 
 
 def _distiller(teacher: torch.nn.Module, mode: str) -> Distiller:
     d = Distiller(torch.nn.Identity(), teacher, [Term("kd", weight=1.0)])
-    d.set_teacher_execution(*MODES[mode])
+    d.is_setup = True                         # no terms to probe; the frozen graph serves set-up distillers
+    dtype, channels_last, freeze = MODES[mode]
+    d.set_teacher_execution(dtype, channels_last, freeze=freeze, log=print)
     return d
 
 
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     # a mode must beat fp32 by more than timing noise (5%) to replace it
     default = max(qualifying, key=lambda m: speed[m] if m == "fp32" or speed[m] > 1.05 else 0.0)
 
-    md = ["# The teacher's forward: fp32 vs bf16 autocast vs channels_last (CPU)", "",
+    md = ["# The teacher's forward: fp32 vs bf16 autocast vs channels_last vs a frozen graph (CPU)", "",
           f"Batch 64, median of {args.rounds} interleaved rounds, {args.threads} threads. Top-1: the demo teacher "
           f"({cfg.student.name} width {cfg.student.args['width']}, {cfg.trainer.epochs} epochs, seed 0) on the demo's "
           f"{len(test.labels)} test images.", "",

@@ -121,6 +121,7 @@ class TrainerConfig:
     teacher_threads: int | None = None   # CPU threads of each side while pipelined (default: threads // 2)
     teacher_precision: str = "fp32"      # fp32 | bf16: the frozen teacher's forward (outputs stay float32)
     teacher_channels_last: bool = False  # the frozen teacher's forward in channels_last memory format
+    teacher_freeze: bool | str = "auto"  # auto | on | off: the teacher's forward as a frozen TorchScript graph
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdforge.distill.frozen_teacher import FrozenTeacher
 from kdforge.distill.terms import LOGITS, Term
 from kdforge.errors import KdforgeError
 from kdforge.losses.base import LossContext
@@ -155,11 +156,18 @@ class Distiller(nn.Module):
                 raise KdforgeError(f"teacher '{tid}' predicts {t_logits.shape[1]} classes but the student "
                                    f"predicts {s_logits.shape[1]}; they must share the label space")
 
-    def set_teacher_execution(self, dtype: torch.dtype | None = None, channels_last: bool = False) -> None:
+    def set_teacher_execution(self, dtype: torch.dtype | None = None, channels_last: bool = False,
+                              freeze: bool = False, log: Callable[[str], None] | None = None) -> None:
         """Run the frozen teachers' forward in `dtype` (autocast; outputs handed out as float32) and/or
         channels_last memory format: a faster teacher forward on hardware that has it (bf16 on CPUs
-        with AVX512-BF16 / AMX, channels_last for convolutions). Training state is unaffected."""
+        with AVX512-BF16 / AMX, channels_last for convolutions). `freeze`: through per-shape frozen
+        TorchScript graphs (distill/frozen_teacher.py; float32 only), `log` told if one falls back
+        to eager. Training state is unaffected."""
+        if freeze and dtype is not None:
+            raise KdforgeError("a frozen teacher graph runs in float32; teacher precision must be fp32")
         self.teacher_dtype, self.teacher_channels_last = dtype, channels_last
+        self.frozen_teachers = ({tid: FrozenTeacher(model, self._teacher_taps[tid], tid, log)
+                                 for tid, model in self.teachers.items()} if freeze else {})
         if channels_last:
             for teacher in self.teachers.values():
                 teacher.to(memory_format=torch.channels_last)
@@ -167,6 +175,7 @@ class Distiller(nn.Module):
     teacher_dtype: torch.dtype | None = None
     teacher_channels_last: bool = False
     teacher_devices: dict[str, torch.device] = {}
+    frozen_teachers: dict[str, FrozenTeacher] = {}
 
     def place_teacher(self, tid: str, device: torch.device) -> None:
         """Run teacher `tid` on `device` (another GPU for a teacher that does not fit beside the student):
@@ -188,6 +197,12 @@ class Distiller(nn.Module):
         tap = self._teacher_taps[tid]
         if self.teacher_channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
+        frozen = self.frozen_teachers.get(tid) if self.is_setup else None
+        if frozen is not None:
+            with torch.no_grad():      # not inference mode: the outputs need no copies for the backward
+                result = frozen(images)
+            if result is not None:
+                return result
         precision = (torch.autocast(images.device.type, dtype=self.teacher_dtype) if self.teacher_dtype
                      else contextlib.nullcontext())
         with torch.inference_mode(), precision:

@@ -26,9 +26,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from kdforge.config import RunConfig, dump_config
 from kdforge.distill.distiller import Step
+from kdforge.distill.frozen_teacher import freeze_plan
 from kdforge.errors import KdforgeError
 from kdforge.tasks.base import Task
 from kdforge.tasks.classification import epoch_order, epoch_slices  # noqa: F401  (re-exported)
@@ -70,6 +72,11 @@ def _threads(count: int | None) -> Any:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _log_line(line: str) -> None:
+    """A line printed between progress-bar updates (the bar is redrawn below it)."""
+    tqdm.write(line)
 
 
 def teacher_dtype(name: str) -> torch.dtype | None:
@@ -172,8 +179,10 @@ class Trainer:
         self.module = task.build(self.device, self.env)
         self.distiller = self.module            # the name classification code and benchmarks know
         if hasattr(self.module, "set_teacher_execution"):
-            self.module.set_teacher_execution(teacher_dtype(cfg.trainer.teacher_precision),
-                                              cfg.trainer.teacher_channels_last)
+            dtype = teacher_dtype(cfg.trainer.teacher_precision)
+            freeze = freeze_plan(cfg.trainer.teacher_freeze, self.device, dtype, self.module)
+            self.module.set_teacher_execution(dtype, cfg.trainer.teacher_channels_last, freeze=freeze,
+                                              log=None if self.quiet else _log_line)
         self._place_teachers()
         self.steps_per_epoch = task.steps_per_epoch()
         self._build_optimizer()

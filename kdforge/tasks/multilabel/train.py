@@ -132,8 +132,12 @@ class MultiLabelTask(SampledTask):
     def on_epoch_start(self, module: nn.Module, epoch: int) -> None:
         cache = self.cache
         if cache is not None and not all(k in cache.get(epoch, {}) for k in ["logits", *self.taps]):
+            # through the distiller, so the cached outputs are the ones its online step would compute
+            # (same teacher execution: eager or the frozen graph, trainer.teacher_freeze)
+            run = ((lambda x: module.teacher_outputs(x.to(self.device)))
+                   if hasattr(module, "teacher_outputs") else None)
             cache[epoch] = {**cache.get(epoch, {}), **teacher_outputs(self.teacher, self.train, epoch,
-                                                                      self.view, self.taps)}
+                                                                      self.view, self.taps, run=run)}
 
     def batch(self, epoch: int, step: int, env: DistEnv) -> Batch:
         idx = self.batch_index(epoch, step, env)
@@ -178,11 +182,19 @@ def teacher_outputs(
     view: Callable[[Tensor, int], Tensor],
     taps: Sequence[str],
     batch_size: int = 500,
+    run: Callable[[Tensor], dict[str, dict[str, Tensor]]] | None = None,
 ) -> dict[str, Tensor]:
-    """The teacher's logits and `taps` on every sample's view at `epoch` (eval mode, no grad)."""
+    """The teacher's logits and `taps` on every sample's view at `epoch` (eval mode, no grad);
+    `run`: a Distiller's `teacher_outputs`, to compute them the way its online step does."""
+    parts: dict[str, list[Tensor]] = {"logits": [], **{t: [] for t in taps}}
+    if run is not None:
+        for start in range(0, len(data), batch_size):
+            outs = run(view(torch.arange(start, min(len(data), start + batch_size)), epoch))["teacher"]
+            for key in parts:
+                parts[key].append(outs[key].cpu())
+        return {k: torch.cat(v) for k, v in parts.items()}
     was = teacher.training
     teacher.eval()
-    parts: dict[str, list[Tensor]] = {"logits": [], **{t: [] for t in taps}}
     with FeatureTap(teacher, taps, detach=True) as tap:
         for start in range(0, len(data), batch_size):
             idx = torch.arange(start, min(len(data), start + batch_size))
