@@ -330,6 +330,9 @@ def main(argv: list[str] | None = None) -> None:
     md += ["", "**" + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()) + "**", "",
            *[f"{k} / reference per round: median {statistics.median(v):.2f}, min {min(v):.2f}, max {max(v):.2f}."
              for k, v in per_round.items()], "",
+           "A pipeline cannot beat its floor, the slower of its two sides alone on their share of the threads "
+           f"(floor_vs_reference = max(t/2, a/2) / r = {ratios['floor_vs_reference']:.2f}, with the frozen teacher "
+           f"{ratios['floor_frozen_vs_reference']:.2f}), however small its own overhead.", "",
            f"Cache build (not timed above): {build_s:.1f} s for {args.cache_samples} samples x 1 epoch.", "",
            "Machine:", *[f"- {line}" for line in machine],
            "- the CPU cores may be shared with other jobs running at the same time, so absolute times are "

@@ -12,8 +12,10 @@ CPU (`trainer.teacher_pipeline: on`): PyTorch's intra-op thread count is process
 pipelined both sides run with `trainer.teacher_threads` threads each (default half of
 `trainer.threads` or of the cores): 2 threads = 1 teacher + 1 student, running at the same time.
 `auto` does not pipeline on CPU: on the 2-core machine the teacher's forward alone on one thread
-takes as long as the whole 2-thread reference step (results/step_time.md: floor 1.00x, the split
-measured 1.15x), so the cache is the CPU answer to the teacher's cost. CUDA: the teacher runs on a
+takes about as long as the whole 2-thread reference step (results/step_time.md: floor 0.93x, the
+split measured 1.20x; with the frozen teacher graph of `trainer.teacher_freeze` floor 0.78x,
+measured 0.93x, the same as the sequential step with that graph), so the cache and the cheaper
+frozen forward are the CPU answers to the teacher's cost. CUDA: the teacher runs on a
 second stream of the same device (the worker waits for the batch's event on the main stream,
 the main stream waits for the outputs' event), so its kernels can overlap the student's.
 
@@ -47,8 +49,8 @@ def pipeline_plan(module: nn.Module, task: Any, mode: str | bool, device: torch.
 
     `auto` pipelines online KD on CUDA wherever it is exact; on CPU it keeps the sequential step,
     because PyTorch's intra-op threads scale well enough that one teacher thread + one student
-    thread measured slower than both threads in sequence (results/step_time.md: 1.15x on 2
-    cores, floor 1.00x); `on` pipelines wherever exact (CPU included) and refuses where it is not; `off` never.
+    thread measured slower than both threads in sequence (results/step_time.md: 1.20x on 2
+    cores, floor 0.93x); `on` pipelines wherever exact (CPU included) and refuses where it is not; `off` never.
     """
     mode = {True: "on", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode    # YAML: on/off
     if mode not in MODES:
