@@ -105,6 +105,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_cache(args: argparse.Namespace) -> int:
     from kdforge.config import load_config
     from kdforge.data.cache import build_teacher_cache
+    from kdforge.distill.frozen_teacher import cache_freeze
     from kdforge.distill.terms import LOGITS
     from kdforge.train.build import build_model, default_terms, load_data
     from kdforge.train.trainer import resolve_device
@@ -124,10 +125,12 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     taps = sorted({n for t in default_terms(cfg) if t.teacher is not None and t.teacher_id == "teacher"
                    for n in ([t.teacher] if isinstance(t.teacher, str) else t.teacher) if n != LOGITS})
     aug = cfg.data.augment
+    device = resolve_device(cfg.trainer.device)
     path = build_teacher_cache(teacher, data.train, args.out, epochs_k=args.epochs, seed=cfg.trainer.seed,
                                crop_padding=aug.crop_padding, flip=aug.flip, mean=data.train.mean,
                                std=data.train.std, taps=taps, batch_size=cfg.data.eval_batch_size,
-                               device=resolve_device(cfg.trainer.device), overwrite=args.overwrite)
+                               device=device, overwrite=args.overwrite,
+                               freeze=cache_freeze(cfg.trainer.teacher_freeze, device))
     print(f"teacher cache written to {path} ({args.epochs} epochs of views, taps: {', '.join(taps) or 'none'}); "
           f"train with: kdforge train {args.config} teacher.cache={path}")
     return 0

@@ -191,7 +191,8 @@ def test_failed_build_leaves_nothing_and_keeps_the_old_cache(setup, monkeypatch)
     root = setup["root"] / "atomic"
     root.mkdir()
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _build(setup, _FailingTeacher(setup["teacher"], fail_at=4), root / "c")
+        # eager: the crash must come from a batch's forward (a frozen graph calls the module only to trace)
+        _build(setup, _FailingTeacher(setup["teacher"], fail_at=4), root / "c", freeze=False)
     assert list(root.iterdir()) == []
     good = _build(setup, setup["teacher"], root / "c")
     before = (good / "manifest.json").read_text()
@@ -229,3 +230,26 @@ def test_bad_arguments_are_user_errors(setup) -> None:
                             crop_padding=4, flip=True, mean=(0.5,), std=(0.25,), progress=False)
     with pytest.raises(KdforgeError, match="unknown expectation"):
         TeacherCache.open(setup["path"], expect={"weights": "x"})
+
+
+def test_the_cache_built_through_the_frozen_graph_equals_the_eager_build(setup, tmp_path: Path) -> None:
+    s, aug = setup, setup["trainer"].cfg.data.augment
+    calls = []
+    hook = s["teacher"].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        built = {}
+        for freeze in (False, True):
+            calls.clear()
+            path = build_teacher_cache(s["teacher"], s["data"].train, tmp_path / f"f{freeze}", epochs_k=1, seed=SEED,
+                                       crop_padding=aug.crop_padding, flip=aug.flip, mean=s["data"].train.mean,
+                                       std=s["data"].train.std, taps=["feat2"], batch_size=40, progress=False,
+                                       freeze=freeze)
+            built[freeze] = (TeacherCache.open(path), len(calls))
+    finally:
+        hook.remove()
+    (eager, eager_calls), (frozen, frozen_calls) = built[False], built[True]
+    assert eager_calls == 3 and frozen_calls == 4    # 96 samples in batches of 40; frozen: 2 shapes x trace
+    index = torch.arange(96)
+    for key in ("logits", "feat2"):                  # float16 storage: at most one rounding step apart
+        a, b = eager.lookup(0, index)[key], frozen.lookup(0, index)[key]
+        torch.testing.assert_close(b, a, atol=1e-2, rtol=2e-3)

@@ -139,6 +139,19 @@ def test_an_untraceable_teacher_keeps_eager_with_one_line() -> None:
     assert len(lines) == 1 and "does not trace" in lines[0]
 
 
+class _Broken(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        raise ValueError("the teacher's own bug")
+
+
+def test_the_teachers_own_errors_are_raised_not_taken_for_a_tracing_failure() -> None:
+    model, lines = _Broken(), []
+    frozen = FrozenTeacher(model, FeatureTap(model, []), "broken", log=lines.append)
+    with pytest.raises(ValueError, match="own bug"), torch.no_grad():
+        frozen(torch.randn(2, 3))
+    assert lines == [] and frozen.failed is None
+
+
 def test_distiller_serves_frozen_outputs_only_after_setup_and_equal_to_eager() -> None:
     student, teacher = create_model("resnet8", num_classes=10), _teacher()
     terms = [Term("kd", weight=1.0), Term("fitnet", weight=0.1, student="feat1", teacher="feat1",

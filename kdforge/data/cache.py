@@ -65,6 +65,7 @@ from tqdm.auto import tqdm
 
 from kdforge.data.base import ImageTensors
 from kdforge.data.transforms import apply_crop_flip, crop_flip_params, to_normalized
+from kdforge.distill.frozen_teacher import FrozenTeacher
 from kdforge.errors import KdforgeError
 from kdforge.models.taps import FeatureTap
 from kdforge.train.checkpoint import atomic_write_text
@@ -167,7 +168,7 @@ def _as_fp16(name: str, value: Tensor) -> Tensor:
 
 def _run_epoch(teacher: nn.Module, tap: FeatureTap, images: Tensor, epoch: int, seed: int, crop_padding: int,
                flip: bool, mean: Sequence[float], std: Sequence[float], taps: Sequence[str], batch_size: int,
-               device: torch.device, bar: tqdm) -> dict[str, Tensor]:
+               device: torch.device, bar: tqdm, frozen: FrozenTeacher | None = None) -> dict[str, Tensor]:
     """Teacher outputs on cache-epoch `epoch`'s views, built with exactly Trainer.make_batch's calls."""
     n = images.shape[0]
     out: dict[str, Tensor] = {}
@@ -179,12 +180,16 @@ def _run_epoch(teacher: nn.Module, tap: FeatureTap, images: Tensor, epoch: int, 
             batch = apply_crop_flip(batch, params["dx"], params["dy"], params["flip"], crop_padding)
         x = to_normalized(batch.to(device), mean, std)
         tap.clear()
-        with torch.inference_mode():
-            logits = teacher(x)
+        with torch.no_grad():
+            result = frozen(x) if frozen is not None else None
+        if result is None:
+            with torch.inference_mode():
+                result = teacher(x), tap.features
+        logits, feats = result
         if not isinstance(logits, Tensor) or logits.dim() != 2:
             raise KdforgeError(f"teacher cache: the teacher must return (N, C) logits, got "
                                f"{getattr(logits, 'shape', type(logits).__name__)}")
-        values = {LOGITS: logits, **{TAP_PREFIX + t: tap.features[t] for t in taps}}
+        values = {LOGITS: logits, **{TAP_PREFIX + t: feats[t] for t in taps}}
         for key, value in values.items():
             if key not in out:
                 out[key] = torch.empty((n, *value.shape[1:]), dtype=torch.float16)
@@ -218,13 +223,14 @@ def build_teacher_cache(teacher: nn.Module, data: ImageTensors, out_dir: str | o
                         epochs_k: int, seed: int, crop_padding: int, flip: bool, mean: Sequence[float],
                         std: Sequence[float], taps: Sequence[str] = (), batch_size: int = 256,
                         device: str | torch.device = "cpu", teacher_id_hash: str | None = None,
-                        overwrite: bool = False, progress: bool = True) -> Path:
+                        overwrite: bool = False, progress: bool = True, freeze: bool | None = None) -> Path:
     """Run the frozen teacher over K augmented epochs of `data` and store its outputs in `out_dir`.
 
     The view of sample i in cache-epoch e is the trainer's view at epoch e (same seed, padding,
     flip, mean/std). `teacher_id_hash` is a free-form identity recorded as `teacher_id` (e.g. model
     name + checkpoint digest; default: the weights hash). The teacher is put in eval mode on
-    `device` (its train/eval flag is restored afterwards). Returns the cache directory.
+    `device` (its train/eval flag is restored afterwards). `freeze`: run it as a frozen graph
+    (distill/frozen_teacher.py; default: on CPU), eager where it does not trace. Returns the cache directory.
     """
     taps = list(taps)
     _check_build_args(data, epochs_k, crop_padding, batch_size, mean, std, taps)
@@ -250,9 +256,11 @@ def build_teacher_cache(teacher: nn.Module, data: ImageTensors, out_dir: str | o
     try:
         shards = []
         with FeatureTap(teacher, taps, detach=True) as tap:
+            frozen = (FrozenTeacher(teacher, tap, "teacher", log=tqdm.write)
+                      if (dev.type == "cpu" if freeze is None else freeze) else None)
             for epoch in range(epochs_k):
                 tensors = _run_epoch(teacher, tap, images, epoch, seed, crop_padding, flip, mean, std, taps,
-                                     batch_size, dev, bar)
+                                     batch_size, dev, bar, frozen)
                 file = tmp / _shard_name(epoch)
                 save_file(tensors, str(file), metadata={"format": FORMAT, "epoch": str(epoch)})
                 shards.append({"file": file.name, "bytes": file.stat().st_size, "sha256": _file_sha256(file)})

@@ -26,10 +26,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdforge.errors import ConfigError
 from kdforge.models.taps import FeatureTap
 
-__all__ = ["FrozenTeacher", "MAX_GRAPHS", "TOLERANCE", "freeze_plan"]
+__all__ = ["FrozenTeacher", "MAX_GRAPHS", "TOLERANCE", "cache_freeze", "freeze_plan"]
 
+FREEZE_MODES = ("auto", "on", "off")   # trainer.teacher_freeze
 MAX_GRAPHS = 4          # input shapes kept (training batch, last batch, ...): each holds prepacked weights
 PROBATION = 3           # batches checked against eager after a trace that branched in Python
 TOLERANCE = 1e-3        # largest |graph - eager| allowed, relative to the eager output's largest magnitude
@@ -95,10 +97,11 @@ class FrozenTeacher:
     def _build(self, images: Tensor) -> tuple[torch.jit.ScriptModule, int] | None:
         """(graph, batches still to check against eager) or None when the eager forward must stay."""
         wrapper = _Tapped(self.model, self.tap).eval()
+        with torch.no_grad():
+            eager = wrapper(images)               # the teacher's own errors are raised, not hidden
         try:
             with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                eager = wrapper(images)
                 traced = torch.jit.trace(wrapper, images, check_trace=False, strict=False)
                 graph = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
                 frozen = graph(images)
@@ -152,7 +155,18 @@ class FrozenTeacher:
                     return None
         return out, dict(zip(self.tap.names, feats, strict=True))
 
-FREEZE_MODES = ("auto", "on", "off")
+
+def _mode(mode: str | bool) -> str:
+    mode = {True: "on", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode    # YAML: on/off
+    if mode not in FREEZE_MODES:
+        raise ConfigError(f"trainer.teacher_freeze must be one of {', '.join(FREEZE_MODES)}, got {mode!r}")
+    return mode
+
+
+def cache_freeze(mode: str | bool, device: torch.device) -> bool:
+    """`trainer.teacher_freeze` for building a teacher-output cache (the teacher is fixed there)."""
+    mode = _mode(mode)
+    return mode == "on" or (mode == "auto" and device.type == "cpu")
 
 
 def freeze_plan(mode: str | bool, device: torch.device, teacher_dtype: torch.dtype | None,
@@ -163,11 +177,7 @@ def freeze_plan(mode: str | bool, device: torch.device, teacher_dtype: torch.dty
     faster, same top-1); CUDA keeps the eager forward there (not measured). `on` freezes wherever
     the teacher is fixed and float32 (CUDA included) and refuses otherwise; `off` never freezes.
     """
-    from kdforge.errors import ConfigError
-
-    mode = {True: "on", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode    # YAML: on/off
-    if mode not in FREEZE_MODES:
-        raise ConfigError(f"trainer.teacher_freeze must be one of {', '.join(FREEZE_MODES)}, got {mode!r}")
+    mode = _mode(mode)
     teachers = getattr(module, "teachers", None)
     if mode == "off" or not teachers or not hasattr(module, "set_teacher_execution"):
         return False
