@@ -93,6 +93,13 @@ def test_a_weight_change_in_place_rebuilds_the_graph() -> None:
     torch.testing.assert_close(after, ref_out, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(feats["pool"], ref_feats["pool"], atol=1e-4, rtol=1e-4)
     assert (after - before).abs().max() > 1e-2
+    lines = []
+    frozen.log = lines.append
+    with torch.no_grad():
+        for _ in range(3):                        # a teacher written every step: eager after a few rebuilds
+            model.fc.bias.add_(0.1)
+            out = frozen(x)
+    assert out is None and len(lines) == 1 and "changed in place 4 times" in lines[0]
 
 
 class _Branchy(nn.Module):
@@ -224,3 +231,40 @@ def test_training_with_the_frozen_teacher_follows_eager_training(tmp_path: Path,
         torch.testing.assert_close(w_on[key], w_off[key], atol=1e-4, rtol=1e-3)
     with pytest.raises(ConfigError, match="teacher_freeze must be one of"):
         Trainer(load_config(None, [*KD, teacher_run, "trainer.teacher_freeze=fast"]), tmp_path / "bad", quiet=True)
+
+
+DDP_RECIPE = """
+data:
+  args: {num_train: 64, num_test: 32, num_classes: 10, num_superclasses: 2, image_size: 8, cache: false}
+  batch_size: 16
+student: {name: convnet, args: {width: 4, norm: group}}   # per-sample norm: DDP = one process
+optim: {lr: 0.05}
+trainer: {epochs: 2, progress: false, tensorboard: false, threads: 1}
+"""
+
+
+def test_a_frozen_batch_norm_teacher_under_ddp_trains_as_one_process(tmp_path: Path) -> None:
+    """Two ranks, each with its own frozen graph of a BN teacher, give the one-process weights."""
+    import os
+    import subprocess
+    import sys
+
+    def cli(args: list[str], procs: int = 1) -> subprocess.CompletedProcess:
+        launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []
+        return subprocess.run([sys.executable, *launch, "-m", "kdforge.cli", *args], capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+
+    (tmp_path / "teacher.yaml").write_text(DDP_RECIPE)
+    teacher = cli(["train", str(tmp_path / "teacher.yaml"), "student.args={width: 4}", "--out", str(tmp_path / "t")])
+    assert teacher.returncode == 0, teacher.stderr[-2000:]          # the teacher keeps batch norm
+    (tmp_path / "kd.yaml").write_text(DDP_RECIPE + f"teacher: {{name: convnet, args: {{width: 4}}, checkpoint: "
+                                      f"{tmp_path / 't'}}}\nterms: [{{loss: ce, teacher: null, group: task, "
+                                      "weight: 0.5}, {loss: kd}]\n")
+    one = cli(["train", str(tmp_path / "kd.yaml"), "--out", str(tmp_path / "one")])
+    two = cli(["train", str(tmp_path / "kd.yaml"), "--out", str(tmp_path / "two")], procs=2)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-2000:]
+    assert "freeze off" not in one.stdout + two.stdout, two.stdout[-2000:]
+    w1 = load_tensors(tmp_path / "one/checkpoints/last.safetensors")
+    w2 = load_tensors(tmp_path / "two/checkpoints/last.safetensors")
+    for key in w1:
+        torch.testing.assert_close(w1[key], w2[key], atol=1e-5, rtol=1e-4)

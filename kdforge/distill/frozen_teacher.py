@@ -10,10 +10,13 @@ top-1 in both modes).
 The graph returns the teacher's outputs and every tapped feature the terms read (the taps' hooks
 run while tracing, so their tensors become graph outputs). One graph per input shape (the last,
 smaller batch of an epoch gets its own), each checked against the eager forward on the batch it
-was traced on. Never silently wrong: a teacher that does not trace (non-tensor outputs,
-data-dependent control flow that changes the result) or whose graph disagrees keeps the eager
-forward, with one logged line; a graph is dropped when the teacher's weights change in place or
-move (parameter versions and storage pointers are checked on every call).
+was traced on, and on the next few batches too when the trace took a Python branch on a tensor
+(a branch on the data would be baked in). Never silently wrong: a teacher that does not trace
+(e.g. non-tensor outputs) or whose graph disagrees keeps the eager forward, with one logged
+line; a graph is dropped when the teacher's weights change in place or move (parameter versions
+and storage pointers are checked on every call), and a teacher whose weights keep changing goes
+back to eager. Writes through `.data` bypass version counters: code that
+edits a teacher that way after training started must call `Distiller.set_teacher_execution` again.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ __all__ = ["FrozenTeacher", "MAX_GRAPHS", "TOLERANCE", "cache_freeze", "freeze_p
 
 FREEZE_MODES = ("auto", "on", "off")   # trainer.teacher_freeze
 MAX_GRAPHS = 4          # input shapes kept (training batch, last batch, ...): each holds prepacked weights
+MAX_REBUILDS = 3        # weight changes tolerated (a checkpoint load); more: the teacher is not fixed
 PROBATION = 3           # batches checked against eager after a trace that branched in Python
 TOLERANCE = 1e-3        # largest |graph - eager| allowed, relative to the eager output's largest magnitude
 
@@ -87,6 +91,7 @@ class FrozenTeacher:
         self._graphs: OrderedDict[tuple, list] = OrderedDict()     # shape key -> [graph, checks left]
         self._fingerprint: tuple | None = None
         self.failed: str | None = None      # why the eager forward is kept (None while graphs work)
+        self.rebuilds = 0                   # times the weights changed after a graph was built
 
     def _give_up(self, why: str) -> None:
         self.failed = why
@@ -131,6 +136,11 @@ class FrozenTeacher:
             return None
         fingerprint = _fingerprint(self.model)
         if fingerprint != self._fingerprint:      # new weights or device: every graph is stale
+            if self._fingerprint is not None:
+                self.rebuilds += 1
+                if self.rebuilds > MAX_REBUILDS:  # written every step: tracing each time would cost more
+                    self._give_up(f"its weights changed in place {self.rebuilds} times")
+                    return None
             self._graphs.clear()
             self._fingerprint = fingerprint
         key = (tuple(images.shape), images.dtype, images.device, images.is_contiguous())
