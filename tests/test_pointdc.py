@@ -15,6 +15,7 @@ from kdforge.methods.pointdc import (
     PrototypeTeacher,
     TeacherSpec,
     back_project,
+    back_project_views,
     build_data,
     cmd_loss,
     cosine_logits,
@@ -76,6 +77,72 @@ def test_back_project_reads_the_pixel_feature_and_zeroes_the_unseen():
     assert out[3].tolist() == [0.0, 0.0, 0.0]
     half = back_project(torch.ones(V, C, H // 2, W // 2) * 2.5, view, uv, visible, H, W)   # coarser map: bilinear
     assert half[:3].flatten().tolist() == pytest.approx([2.5] * 9)
+
+
+def test_multi_view_targets_are_the_mean_over_the_views_that_see_the_point():
+    V, C, H, W = 3, 2, 4, 6
+    g = torch.Generator().manual_seed(1)
+    feats = torch.rand(V, C, H, W, generator=g) + 0.1                  # no zero feature anywhere
+    feats[2, :, :2, :2] = 0.0                                         # view 2, top-left pixels: no feature (sky)
+    # points: 0 seen by views 0 and 2; 1 by view 1 only; 2 by none; 3 by all three; 4 by views 1 and 2, but
+    # view 2's pixel has no feature
+    visible = torch.tensor([[True, False, False, True, False],
+                            [False, True, False, True, True],
+                            [True, False, False, True, True]])
+    uv = torch.zeros(V, 5, 2, dtype=torch.long)
+    uv[0, 0], uv[2, 0] = torch.tensor([1, 2]), torch.tensor([5, 3])
+    uv[1, 1] = torch.tensor([4, 0])
+    uv[0, 3], uv[1, 3], uv[2, 3] = torch.tensor([0, 1]), torch.tensor([2, 2]), torch.tensor([3, 3])
+    uv[1, 4], uv[2, 4] = torch.tensor([5, 1]), torch.tensor([0, 0])
+    out, n = back_project_views(feats, uv, visible, H, W)
+
+    def px(v, p):                                                    # (col, row) -> the feature, by hand
+        c, r = uv[v, p].tolist()
+        return feats[v, :, r, c]
+
+    assert n.tolist() == [2, 1, 0, 3, 1]
+    assert torch.allclose(out[0], (px(0, 0) + px(2, 0)) / 2)
+    assert torch.allclose(out[1], px(1, 1))
+    assert out[2].tolist() == [0.0, 0.0]
+    assert torch.allclose(out[3], (px(0, 3) + px(1, 3) + px(2, 3)) / 3)
+    assert torch.allclose(out[4], px(1, 4))                           # the featureless view does not count
+    first, n1 = back_project_views(feats, uv, visible, H, W, average=False)   # the old behaviour: first view
+    assert n1.tolist() == [1, 1, 0, 1, 1]
+    for p, v in ((0, 0), (1, 1), (3, 0), (4, 1)):
+        assert torch.allclose(first[p], px(v, p))
+    assert first[2].tolist() == [0.0, 0.0]
+    assert not torch.allclose(out[0], first[0])
+
+
+def test_scene_targets_average_every_seeing_view_or_take_the_first():
+    from kdforge.tasks.pointcloud.cameras import camera_rig, render_views, visibility
+    from kdforge.tasks.pointcloud.scenes import procedural_scenes, semantic_names
+
+    d = PointDCData(num_train=1, num_test=1, cameras=4, fov=120, width=32, height=16, max_objects=4, seed=3)
+    t = TeacherSpec(kind="prototype", dim=4, noise=0.2)
+    avg, _, info = build_data(d, t, SV(), False)
+    first, _, info1 = build_data(PointDCData(**{**d.__dict__, "views_average": False}), t, SV(), False)
+    assert 0 < info["target_fraction_multiview"] == info1["target_fraction_multiview"] < 1
+    # an independent recomputation for the training scene: the teacher is seeded per call, so re-render and
+    # re-draw its features in the same order (one call per scene) and average by hand at the integer pixel centres
+    spec = d.spec()
+    scene = procedural_scenes(spec, 1, d.seed)[0]
+    views = render_views(scene, camera_rig(4, 120, 32, 16, d.pitch), spec, seed=d.seed * 100003)
+    feats = PrototypeTeacher(len(semantic_names(spec)), t).features(views.rgb, views.semantic)
+    uv, seen = visibility(scene.points.float(), views, d.tolerance)
+    multi = 0
+    for p in range(len(scene.points)):
+        vals = [feats[v, :, uv[v, p, 1], uv[v, p, 0]] for v in range(4) if seen[v, p]]
+        vals = [x for x in vals if float(x.abs().sum()) > 0]
+        if not vals:
+            assert avg.targets[0][p].abs().sum() == 0
+            continue
+        multi += len(vals) > 1
+        assert torch.allclose(avg.targets[0][p], torch.stack(vals).mean(0), atol=1e-5)
+        first_v = int(seen[:, p].float().argmax())
+        want = feats[first_v, :, uv[first_v, p, 1], uv[first_v, p, 0]]
+        assert torch.allclose(first.targets[0][p], want, atol=1e-5)
+    assert multi > 0
 
 
 def test_prototype_teacher_is_the_class_embedding_plus_noise():
