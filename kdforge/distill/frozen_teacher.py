@@ -99,8 +99,9 @@ class FrozenTeacher:
         if self.log is not None:
             self.log(f"teacher '{self.name}' freeze off: {why} (eager teacher forward)")
 
-    def _build(self, images: Tensor) -> tuple[torch.jit.ScriptModule, int] | None:
-        """(graph, batches still to check against eager) or None when the eager forward must stay."""
+    def _build(self, images: Tensor) -> tuple[torch.jit.ScriptModule, int, Any] | None:
+        """(graph, batches still to check against eager, its outputs on `images`), or None when the
+        eager forward must stay."""
         wrapper = _Tapped(self.model, self.tap).eval()
         with torch.no_grad():
             eager = wrapper(images)               # the teacher's own errors are raised, not hidden
@@ -121,7 +122,7 @@ class FrozenTeacher:
         # A tracer warning means a Python branch was taken on a tensor's value (or shape: shapes
         # are fixed per graph): check the next batches against eager too, in case it was data.
         branched = any(issubclass(w.category, torch.jit.TracerWarning) for w in caught)
-        return graph, PROBATION if branched else 0
+        return graph, PROBATION if branched else 0, frozen
 
     def _agrees(self, frozen: Any, eager: Any) -> bool:
         err = _disagreement(frozen, eager)
@@ -149,11 +150,11 @@ class FrozenTeacher:
             built = self._build(images)
             if built is None:
                 return None
-            entry = self._graphs[key] = list(built)
+            graph, checks, (out, feats) = built
+            self._graphs[key] = [graph, checks]
             if len(self._graphs) > MAX_GRAPHS:
                 self._graphs.popitem(last=False)
             self._fingerprint = _fingerprint(self.model)
-            out, feats = entry[0](images)
         else:
             self._graphs.move_to_end(key)
             out, feats = entry[0](images)
