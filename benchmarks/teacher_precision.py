@@ -4,11 +4,11 @@ Why: online KD pays a teacher forward every step; `trainer.teacher_precision` (f
 `trainer.teacher_channels_last` and `trainer.teacher_freeze` (a frozen TorchScript graph, BN
 folded and weights prepacked for oneDNN; float32) make it cheaper where the hardware has it
 (AVX512-BF16 / AMX CPUs for bf16), but only if the teacher's predictions stay the same. This
-script measures every mode in one run: the median ms of a batch-64 teacher forward for each mode (interleaved rounds, for the
-demo's teacher and for resnet32x4 at 32x32), and the demo teacher's test top-1 on the demo data
-in each mode. A mode qualifies as the default when its top-1 is within 0.1 points of fp32's; the
-fastest qualifying mode (more than 5% faster than fp32, else fp32) is printed as ``default=<mode>``
-with the speed ratios.
+script measures every mode in one run: the median ms of a batch-64 teacher forward for each
+mode (interleaved rounds, for the demo's teacher and for resnet32x4 at 32x32), and the demo
+teacher's test top-1 on the demo data in each mode. A mode qualifies as the default when its
+top-1 is within 0.1 points of fp32's; the fastest qualifying mode (more than 5% faster than
+fp32, else fp32) is printed as ``default=<mode>`` with the speed ratios.
 
     python benchmarks/teacher_precision.py                       # trains the demo teacher first
     python benchmarks/teacher_precision.py --teacher-run runs/demo/teacher
