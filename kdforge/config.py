@@ -328,6 +328,8 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
          f"schedule.name must be multistep, cosine or constant, not '{cfg.schedule.name}'"),
         (cfg.trainer.amp in ("none", "auto", "bf16", "fp16"),
          f"trainer.amp must be none, auto, bf16 or fp16, not '{cfg.trainer.amp}'"),
+        (cfg.trainer.teacher_freeze in ("auto", "on", "off", True, False),
+         f"trainer.teacher_freeze must be one of auto, on, off, not '{cfg.trainer.teacher_freeze}'"),
         (cfg.trainer.epochs >= 1, "trainer.epochs must be >= 1"),
         (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
         (0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)"),
