@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from recipe_checks import assert_resume_exact
+from recipe_checks import assert_ddp_matches, assert_resume_exact
 from torch import nn
 
 from kdforge.cli import main
@@ -172,6 +172,27 @@ def test_recipe_trains_stages_weights_and_student(tmp_path: Path) -> None:
 
 def test_stop_and_resume_is_bit_identical(tmp_path: Path) -> None:
     assert_resume_exact(RECIPE, [*TINY, "teachers=[rgb]", "train.epochs=2"], tmp_path, stop_after=6)
+
+
+def test_torchrun_two_processes_match_one(tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node=2` (gloo) gives the 1-process weights and metrics rows of both teacher stages and
+    the student, and the same result (held-out weights, ensemble and student scores).
+
+    Why 2 processes can equal 1 here: each rank takes a contiguous half of the same global batch (batch 8 -> 4 + 4)
+    and the same per-clip shift, and DDP averages the gradients, so every loss that is a per-clip mean (the teachers'
+    CE; the student's batchmean KL and CE) gives the 1-process gradient. The one per-rank piece is batch norm's batch
+    statistics (no synchronised batch norm on CPU): teacher_model.norm and student.norm are `group` (per-clip
+    statistics) here; with `batch` the runs differ by design. The frozen teachers are in eval mode (running
+    statistics), and the weight estimation and ensemble report are full passes every rank computes alike."""
+    overrides = [*TINY, "teachers=[rgb, flow]", "teacher_model.norm=group", "student.norm=group", "train.epochs=2",
+                 "distill.a_gt=0.5", "trainer.progress=false"]
+    assert_ddp_matches(RECIPE, overrides, tmp_path)
+    one, two = (json.loads((tmp_path / n / "result.json").read_text()) for n in ("one", "two"))
+    for key in ("weight_rgb", "weight_flow", "holdout_ce_rgb", "ensemble_val_top1", "test_top1", "val_nll"):
+        assert two[key] == pytest.approx(one[key], abs=1e-4), key
+    assert one["train_clips"] == two["train_clips"] == 40
+    assert sorted(p.name for p in (tmp_path / "two/stages").iterdir()) == ["teacher_flow", "teacher_rgb"]
+    assert "train_kd" in (tmp_path / "two/metrics.csv").read_text().splitlines()[0]
 
 
 def test_bad_recipes_fail_in_one_line(tmp_path: Path, capsys) -> None:

@@ -286,3 +286,32 @@ def test_upvl_recipe_with_a_clip_teacher_trains_reuses_and_keys_the_cache(tmp_pa
     assert again["test_static_recall"] == result["test_static_recall"]     # the same teacher, the cached prep
     assert main(["train", str(RECIPE), *clip, f"upvl.vl.run={tmp_path / 't'}", "--out", str(tmp_path / "c")]) == 0
     assert len(list((tmp_path / "cache").rglob("prep-*.pt"))) == 2        # another teacher: another prep file
+
+
+CLIP_RESUME = [o for o in TINY if o != "upvl.vl.kind=synthetic"] + [
+    "train.epochs=3", "trainer.progress=false", "upvl.vl.kind=clip", "upvl.vl.clip.loop.epochs=2",
+    "upvl.vl.clip.loop.batch_size=12", "upvl.vl.clip.crops.num_val=2", "upvl.vl.clip.crops.num_test=2",
+    "upvl.semantics=distilled", "upvl.autolabel.sem_threshold=0.0",
+    "upvl.vl.clip.model={vision: {layers: 1, width: 16, heads: 2, mlp: 32}, "
+    "text: {layers: 1, width: 16, heads: 2, mlp: 32}, patch_size: 8, projection_dim: 6, context_length: 8}"]
+
+
+@pytest.mark.parametrize(("stop_after", "resumed"), [
+    (3, "vl_teacher"),        # the CLIP stage (2 epochs x 2 steps), inside its second epoch
+    (4, "vl_teacher"),        # its last step: stopped before result.json and the saved <stage>/model
+    (5, "features"),          # the CLIP stage finished (4 < 5); the stage `features` (3 epochs x 2 steps) cut
+])
+def test_upvl_recipe_with_the_clip_stage_resumes_exactly(tmp_path: Path, capsys, stop_after: int,
+                                                         resumed: str) -> None:
+    """vl_teacher (CLIP, 4 steps) -> features (6 steps) -> final (6 steps), cut after `stop_after` steps of
+    whichever stage reaches it first, resumed: every stage's weights and metrics rows and the result equal the
+    uninterrupted run's; the CLIP saved for the later stages (<stage>/model) is the same file too."""
+    result = assert_resume_exact(RECIPE, CLIP_RESUME, tmp_path, stop_after=stop_after)
+    out = capsys.readouterr().out
+    resumes = [line.split("/stages/")[1] for line in out.splitlines() if line.endswith("(resumed)")]
+    assert resumes == [f"{resumed} (resumed)"], out        # the cut landed in that stage, and only there
+    assert (tmp_path / "full/stages/vl_teacher/metrics.csv").read_text().count("\n") == 3     # header + 2 epochs
+    assert (tmp_path / "full/stages/features/metrics.csv").read_text().count("\n") == 4
+    model = Path("stages/vl_teacher/model/model.safetensors")
+    assert (tmp_path / "full" / model).read_bytes() == (tmp_path / "cut" / model).read_bytes()
+    assert "vl_teacher_test_zeroshot_top1" in result and "features_test_static_recall" in result
