@@ -81,9 +81,10 @@ class Distiller(nn.Module):
 
     `teacher_outputs_ahead`: the teachers' outputs for a batch depend on the batch alone (frozen
     teachers), so the trainer may compute them ahead, overlapped with the student's step (the
-    teacher pipeline). A subclass that overrides `forward` or `after_optimizer_step` (EMA teachers,
-    role changes, mutual learning) is taken to depend on the student's state and gets False,
-    unless its own body says `teacher_outputs_ahead = True`.
+    teacher pipeline), and through a frozen graph of the teacher (`trainer.teacher_freeze`). A
+    subclass that overrides `forward` or `after_optimizer_step` (EMA teachers, role changes,
+    mutual learning) is taken to depend on the student's state and gets False, unless its own
+    body says `teacher_outputs_ahead = True`.
     """
 
     teacher_outputs_ahead: bool = True
