@@ -20,6 +20,7 @@ from kdforge.tasks.dense.metrics import boundary_f, depth_errors, miou, mtl_scor
 from kdforge.tasks.dense.models import MultiTaskNet, task_channels
 from kdforge.tasks.dense.scenes import Scene, SceneObject, boundaries, procedural_split, render
 from kdforge.tasks.dense.task import DenseTask, _hflip, task_losses
+from kdforge.train.checkpoint import load_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs/methods/mtl_cskd.yaml"
@@ -250,6 +251,31 @@ def test_a_term_reads_several_task_outputs_of_both_models() -> None:
     assert all(v.dtype == torch.float32 and not v.is_inference() for v in outputs.values())
     assert any(not torch.equal(outputs[k], exact[k]) for k in exact)       # it did run in bf16
     assert all(torch.allclose(outputs[k], exact[k], atol=0.1, rtol=0.1) for k in exact)
+    # and a frozen graph of the (fixed) teacher serves the same dict outputs and taps
+    assert module.teacher_outputs_ahead
+    module.set_teacher_execution(freeze=True)
+    frozen, frozen_taps = module._run_teacher("teacher", images)
+    _, exact_taps = module._run_teacher("teacher", images)
+    assert module.frozen_teachers["teacher"].failed is None and module.frozen_teachers["teacher"]._graphs
+    assert all(torch.allclose(frozen[k], exact[k], atol=1e-4, rtol=1e-4) for k in exact)
+    assert frozen_taps.keys() == {"semseg", "boundary"} == exact_taps.keys()
+
+
+def test_pipelined_teacher_training_equals_sequential(tmp_path: Path, monkeypatch) -> None:
+    from kdforge.train.stages import run_recipe
+    from kdforge.train.teacher_pipeline import TeacherPipeline
+
+    pipelined = []
+    original = TeacherPipeline.batches
+    monkeypatch.setattr(TeacherPipeline, "batches", lambda self, b: (pipelined.append(1), original(self, b))[1])
+    for mode in ("off", "on"):
+        run_recipe(RECIPE, [*TINY, "train.epochs=2", f"trainer.teacher_pipeline={mode}"], out=tmp_path / mode)
+        assert bool(pipelined) == (mode == "on")         # the student stage (2 epochs) ran pipelined
+    for name in ("teacher", None):
+        a, b = (tmp_path / m / ("stages/" + name if name else "") / "checkpoints/last.safetensors"
+                for m in ("off", "on"))
+        wa, wb = load_tensors(a), load_tensors(b)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
 
 
 class _OneProcess:

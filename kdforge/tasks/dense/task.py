@@ -69,6 +69,10 @@ def task_losses(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor], we
 class DenseDistiller(Distiller):
     """The core Distiller for multi-task dense models: dict outputs, taps by task name, task losses added."""
 
+    # forward only adds the task losses to the core step: the teacher is fixed, so its outputs may
+    # be computed ahead (teacher pipeline) and through a frozen graph (trainer.teacher_freeze)
+    teacher_outputs_ahead = True
+
     def __init__(self, student: nn.Module, teachers: nn.Module | dict[str, nn.Module] | None, terms: list[Term],
                  task_weights: Mapping[str, float] | None = None, pos_weight: float = 2.0) -> None:
         super().__init__(student, teachers, terms)
