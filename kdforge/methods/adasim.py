@@ -177,8 +177,6 @@ class AdaSimConfig:
     eval: SSLEvalConfig = field(default_factory=SSLEvalConfig)
 
     def check(self) -> None:
-        if self.method != "adasim":
-            raise ConfigError(f"adasim recipe: method must be 'adasim', got {self.method!r}")
         a = self.adasim
         if a.mode not in MODES:
             raise ConfigError(f"adasim recipe: adasim.mode must be one of {', '.join(MODES)}, got {a.mode!r}")
@@ -286,7 +284,7 @@ class AdaSim:
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
         """Run a `configs/methods/adasim.yaml` recipe into `run_dir` (see the module docstring)."""
-        cfg, trainer, text = parse_recipe(tree, source, AdaSimConfig)
+        cfg, trainer, text = parse_recipe(tree, source, AdaSimConfig, method="adasim")
         return run_adasim(cfg, run_dir, trainer, config_text=text)
 
 

@@ -164,9 +164,7 @@ def run_bckd(cfg: BCKDRecipe, run_dir: str | Path, trainer: Any = None, config_t
 class BCKD:
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
-        cfg, trainer, text = parse_recipe(tree, source, BCKDRecipe)
-        if cfg.method != "bckd":
-            raise ConfigError(f"{source}: method must be 'bckd', got {cfg.method!r}")
+        cfg, trainer, text = parse_recipe(tree, source, BCKDRecipe, method="bckd")
         return run_bckd(cfg, run_dir, trainer, text)
 
 

@@ -23,8 +23,8 @@ class BEVDetectorRecipe:
 
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
-        cfg, trainer, text = parse_recipe(tree, source, BEVRecipe)
-        cfg.check(source, "bev_detector")
+        cfg, trainer, text = parse_recipe(tree, source, BEVRecipe, method="bev_detector")
+        cfg.check(source)
         return run_bev(cfg, BEVRecipe, run_dir, trainer, text, lambda student, _: BEVDetectorModule(student),
                        needs_teacher=False, method="bev_detector")
 

@@ -143,9 +143,7 @@ class Clip:
 
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
-        cfg, trainer, text = parse_recipe(tree, source, ClipRecipe)
-        if cfg.method != "clip":
-            raise ConfigError(f"{source}: method must be 'clip', got {cfg.method!r}")
+        cfg, trainer, text = parse_recipe(tree, source, ClipRecipe, method="clip")
         return run_clip(cfg, run_dir, trainer, text).result
 
 

@@ -199,7 +199,7 @@ class CrKD:
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
         """Run a `configs/methods/crkd.yaml` recipe (see the module docstring) into `run_dir`."""
-        cfg, trainer, text = parse_recipe(tree, source, CrKDConfig)
+        cfg, trainer, text = parse_recipe(tree, source, CrKDConfig, method="crkd")
         return run_crkd(cfg, run_dir, trainer=trainer, pretrain_from=cfg.pretrain_from, config_text=text)
 
 
@@ -285,8 +285,6 @@ class CrKDConfig:
     pretrain_from: str | None = None   # another CrKD run whose stages/pretrain is shared (the experiment's stage)
 
     def check(self) -> None:
-        if self.method != "crkd":
-            raise ConfigError(f"crkd recipe: method must be 'crkd', got {self.method!r}")
         if self.crkd.weighting not in WEIGHTINGS:
             raise ConfigError(f"crkd recipe: crkd.weighting must be one of {', '.join(WEIGHTINGS)}")
         self.ncd.check("crkd recipe: ncd")

@@ -27,9 +27,9 @@ class DenseRecipe:
         if "mtl_cskd" in tree:
             raise ConfigError(f"{source}: a dense recipe trains without distillation; mtl_cskd: belongs in a "
                               "method: mtl_cskd recipe")
-        cfg, trainer, text = parse_recipe(tree, source, MTLCSKDRecipe)
+        cfg, trainer, text = parse_recipe(tree, source, MTLCSKDRecipe, method="dense")
         cfg.mtl_cskd.beta = 0.0
-        cfg.check(source, "dense")
+        cfg.check(source)
         return run_mtl_cskd(cfg, run_dir, trainer, text)
 
 

@@ -100,8 +100,6 @@ class DetectorRecipe:
     augment: AugmentSpec = field(default_factory=AugmentSpec)
 
     def check(self, source: str) -> None:
-        if self.method != "detector":
-            raise ConfigError(f"{source}: method must be 'detector', got {self.method!r}")
         if len(self.augment.scale_range) != 2:
             raise ConfigError(f"{source}: augment.scale_range must be [low, high]")
 
@@ -164,7 +162,7 @@ class Detector:
 
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
-        cfg, trainer, text = parse_recipe(tree, source, DetectorRecipe)
+        cfg, trainer, text = parse_recipe(tree, source, DetectorRecipe, method="detector")
         cfg.check(source)
         return run_detector(cfg, run_dir, trainer, text)
 

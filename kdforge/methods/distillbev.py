@@ -280,8 +280,8 @@ def check_args(cfg: DistillBEVRecipe, source: str) -> None:
 class DistillBEV:
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
-        cfg, trainer, text = parse_recipe(tree, source, DistillBEVRecipe)
-        cfg.check(source, "distillbev")
+        cfg, trainer, text = parse_recipe(tree, source, DistillBEVRecipe, method="distillbev")
+        cfg.check(source)
         check_args(cfg, source)
         names, extent, spec = list(cfg.data.categories), cfg.data.extent, cfg.data.spec()
         key = (repr(asdict(cfg.data)), repr(asdict(cfg.camera)))

@@ -401,7 +401,7 @@ class FerKD(Distiller):
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
         """Run a task recipe (`kdforge train configs/methods/ferkd.yaml`): teacher, bank, student."""
-        cfg, trainer, text = parse_recipe(tree, source, FerKDRecipe)
+        cfg, trainer, text = parse_recipe(tree, source, FerKDRecipe, method="ferkd")
         cfg.check(source)
         return run_ferkd(cfg, run_dir, trainer, text)
 
@@ -486,8 +486,6 @@ class FerKDRecipe:
     final_stage: str = "student"    # "teacher": train only the teacher, into the run directory itself
 
     def check(self, where: str) -> None:
-        if self.method != "ferkd":
-            raise ConfigError(f"{where}: method must be 'ferkd', got {self.method!r}")
         if self.final_stage not in ("teacher", "student"):
             raise ConfigError(f"{where}: final_stage must be 'teacher' or 'student', got {self.final_stage!r}")
         if self.final_stage == "teacher" and self.teacher.run:

@@ -126,8 +126,6 @@ class GiftNetRecipe:
         from kdforge.tasks.dense.harmonize import GUIDANCE
 
         d, m, a = self.data, self.model, self.giftnet
-        if self.method != "giftnet":
-            raise ConfigError(f"{source}: method must be 'giftnet', got {self.method!r}")
         if d.format not in ("procedural", "iharmony4"):
             raise ConfigError(f"{source}: data.format must be procedural or iharmony4, got {d.format!r}")
         if d.format == "iharmony4" and not d.root:
@@ -215,7 +213,7 @@ def run_giftnet(cfg: GiftNetRecipe, run_dir: str | Path, trainer: Any = None, co
 class GiftNet:
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
-        cfg, trainer, text = parse_recipe(tree, source, GiftNetRecipe)
+        cfg, trainer, text = parse_recipe(tree, source, GiftNetRecipe, method="giftnet")
         cfg.check(source)
         return run_giftnet(cfg, run_dir, trainer, text)
 

@@ -110,8 +110,6 @@ class IODRecipe:
 
     def check(self, source: str) -> None:
         a = self.iod
-        if self.method != "iod_wcbc":
-            raise ConfigError(f"{source}: method must be 'iod_wcbc', got {self.method!r}")
         if self.model.kind != "query":
             raise ConfigError(f"{source}: model.kind must be query (DMD/IFD read decoder query embeddings), "
                               f"got {self.model.kind!r}")
@@ -374,7 +372,7 @@ class IODWCBC:
 
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
-        cfg, trainer, text = parse_recipe(tree, source, IODRecipe)
+        cfg, trainer, text = parse_recipe(tree, source, IODRecipe, method="iod_wcbc")
         cfg.check(source)
         return run_iod_wcbc(cfg, run_dir, trainer, text)
 

@@ -296,8 +296,6 @@ class KD3Config:
 
     def check(self) -> None:
         a = self.kd3
-        if self.method != "kd3":
-            raise ConfigError(f"kd3 recipe: method must be 'kd3', got {self.method!r}")
         if a.arm not in ARMS:
             raise ConfigError(f"kd3 recipe: kd3.arm must be one of {', '.join(ARMS)}, got {a.arm!r}")
         if not (0 <= a.lambda_end <= 1 and 0 <= a.lambda_start <= 1 and 0 < a.keep_fraction <= 1):
@@ -559,7 +557,7 @@ class KD3:
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: str | Path) -> dict[str, Any]:
         """Run a `configs/methods/kd3.yaml` recipe into `run_dir` (see the module docstring)."""
-        cfg, trainer, text = parse_recipe(tree, source, KD3Config)
+        cfg, trainer, text = parse_recipe(tree, source, KD3Config, method="kd3")
         return run_kd3(cfg, run_dir, trainer=trainer, config_text=text)
 
 

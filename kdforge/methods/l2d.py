@@ -164,8 +164,6 @@ class L2DConfig:
     teacher_run: str | None = None
 
     def check(self) -> None:
-        if self.method != "l2d":
-            raise ConfigError(f"l2d recipe: method must be 'l2d', got {self.method!r}")
         if self.teacher_only and self.teacher_run:
             raise ConfigError("l2d recipe: teacher_only trains the teacher, teacher_run loads one: set one of them")
         if self.l2d.bce_reduction not in ("sum", "mean"):
@@ -281,7 +279,7 @@ class L2D:
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: str | Path) -> dict[str, Any]:
         """Run a `configs/methods/l2d.yaml` recipe into `run_dir` (see the module docstring)."""
-        cfg, trainer, text = parse_recipe(tree, source, L2DConfig)
+        cfg, trainer, text = parse_recipe(tree, source, L2DConfig, method="l2d")
         return run_l2d(cfg, run_dir, trainer=trainer, config_text=text)
 
 

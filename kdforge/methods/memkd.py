@@ -144,8 +144,8 @@ def check_args(a: MemKDArgs, source: str) -> None:
 class MemKD:
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
-        cfg, trainer, text = parse_recipe(tree, source, MemKDRecipe)
-        cfg.check(source, "memkd")
+        cfg, trainer, text = parse_recipe(tree, source, MemKDRecipe, method="memkd")
+        cfg.check(source)
         check_args(cfg.memkd, source)
         return run_anomaly(cfg, run_dir, trainer, text, build=memkd_module)
 

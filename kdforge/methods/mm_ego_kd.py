@@ -242,9 +242,7 @@ class MMEgoKDRecipe:
     teacher_only: str | None = None
     teacher_runs: TeacherRuns = field(default_factory=TeacherRuns)
 
-    def check(self, source: str, method: str = "mm_ego_kd") -> None:
-        if self.method != method:
-            raise ConfigError(f"{source}: method must be {method!r}, got {self.method!r}")
+    def check(self, source: str) -> None:
         self.data.check(f"{source}: data")
         d = self.distill
         if d.weighting not in SCHEMES:
@@ -401,7 +399,7 @@ class MMEgoKD:
 
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
-        cfg, trainer, text = parse_recipe(tree, source, MMEgoKDRecipe)
+        cfg, trainer, text = parse_recipe(tree, source, MMEgoKDRecipe, method="mm_ego_kd")
         cfg.check(source)
         return run_mm_ego_kd(cfg, run_dir, trainer, text)
 

@@ -125,12 +125,10 @@ class MTLCSKDRecipe:
     baselines: dict[str, str | None] = field(default_factory=dict)
     mtl_cskd: MTLCSKDArgs = field(default_factory=MTLCSKDArgs)
 
-    def check(self, source: str, method: str = "mtl_cskd") -> None:
+    def check(self, source: str) -> None:
         from kdforge.tasks.dense.models import ARCHS
         from kdforge.tasks.dense.scenes import TASKS
 
-        if self.method != method:
-            raise ConfigError(f"{source}: method must be {method!r}, got {self.method!r}")
         d, a = self.data, self.mtl_cskd
         if d.format not in ("procedural", "folder"):
             raise ConfigError(f"{source}: data.format must be procedural or folder, got {d.format!r}")
@@ -297,7 +295,7 @@ def run_mtl_cskd(cfg: MTLCSKDRecipe, run_dir: str | Path, trainer: Any = None, c
 class MTLCSKD:
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
-        cfg, trainer, text = parse_recipe(tree, source, MTLCSKDRecipe)
+        cfg, trainer, text = parse_recipe(tree, source, MTLCSKDRecipe, method="mtl_cskd")
         cfg.check(source)
         return run_mtl_cskd(cfg, run_dir, trainer, text)
 

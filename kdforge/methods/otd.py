@@ -303,8 +303,6 @@ class OTDConfig:
 
     def check(self) -> None:
         a = self.otd
-        if self.method != "otd":
-            raise ConfigError(f"otd recipe: method must be 'otd', got {self.method!r}")
         if a.arm not in ARMS:
             raise ConfigError(f"otd recipe: otd.arm must be one of {', '.join(ARMS)}, got {a.arm!r}")
         if not (0 <= a.ema < 1 and 0 < a.energy <= 1 and 0 < a.bank_frac <= 1) or min(
@@ -605,7 +603,7 @@ class OTD:
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: str | Path) -> dict[str, Any]:
         """Run a `configs/methods/otd.yaml` recipe into `run_dir` (see the module docstring)."""
-        cfg, trainer, text = parse_recipe(tree, source, OTDConfig)
+        cfg, trainer, text = parse_recipe(tree, source, OTDConfig, method="otd")
         return run_otd(cfg, run_dir, trainer=trainer, config_text=text)
 
 

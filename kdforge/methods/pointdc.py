@@ -172,8 +172,6 @@ class PointDCRecipe:
     eval: EvalSpec = field(default_factory=EvalSpec)
 
     def check(self, source: str) -> None:
-        if self.method != "pointdc":
-            raise ConfigError(f"{source}: method must be 'pointdc', got {self.method!r}")
         a, d, t = self.pointdc, self.data, self.teacher
         if a.mode not in ("raw", "cmd", "full"):
             raise ConfigError(f"{source}: pointdc.mode must be raw, cmd or full, got {a.mode!r}")
@@ -740,7 +738,7 @@ def run_pointdc(cfg: PointDCRecipe, run_dir: str | Path, trainer: Any = None, co
 class PointDC:
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
-        cfg, trainer, text = parse_recipe(tree, source, PointDCRecipe)
+        cfg, trainer, text = parse_recipe(tree, source, PointDCRecipe, method="pointdc")
         cfg.check(source)
         return run_pointdc(cfg, run_dir, trainer, text)
 

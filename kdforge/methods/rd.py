@@ -94,9 +94,7 @@ class RDRecipe:
     train: LoopConfig = field(default_factory=_rd_loop)
     score: ScoreConfig = field(default_factory=ScoreConfig)
 
-    def check(self, source: str, method: str = "rd") -> None:
-        if self.method != method:
-            raise ConfigError(f"{source}: method must be {method!r}, got {self.method!r}")
+    def check(self, source: str) -> None:
         if self.data.format not in ("procedural", "mvtec"):
             raise ConfigError(f"{source}: data.format must be procedural or mvtec, got {self.data.format!r}")
         if self.data.format == "mvtec" and not self.data.root:
@@ -162,7 +160,7 @@ class RD:
 
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
-        cfg, trainer, text = parse_recipe(tree, source, RDRecipe)
+        cfg, trainer, text = parse_recipe(tree, source, RDRecipe, method="rd")
         cfg.check(source)
         return run_anomaly(cfg, run_dir, trainer, text)
 

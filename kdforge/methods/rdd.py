@@ -219,8 +219,8 @@ def check_args(a: RDDArgs, source: str) -> None:
 class RDD:
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
-        cfg, trainer, text = parse_recipe(tree, source, RDDRecipe)
-        cfg.check(source, "rdd")
+        cfg, trainer, text = parse_recipe(tree, source, RDDRecipe, method="rdd")
+        cfg.check(source)
         check_args(cfg.rdd, source)
         distil = cfg.rdd.alpha_feat > 0 or cfg.rdd.alpha_logit > 0
         return run_bev(cfg, RDDRecipe, run_dir, trainer, text, lambda s, t: RDDModule(s, t, cfg.rdd),

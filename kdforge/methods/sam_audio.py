@@ -134,8 +134,6 @@ class SAMAudioRecipe:
         from kdforge.tasks.dense.echo import EchoConfig
         from kdforge.tasks.dense.models import ARCHS
 
-        if self.method != "sam_audio":
-            raise ConfigError(f"{source}: method must be 'sam_audio', got {self.method!r}")
         d, a, t = self.data, self.sam_audio, self.teacher.model
         bad = [x for x in [*d.tasks, *self.task_weights] if x not in AUDIO_TASKS]
         if bad or not d.tasks:
@@ -260,7 +258,7 @@ def run_sam_audio(cfg: SAMAudioRecipe, run_dir: str | Path, trainer: Any = None,
 class SAMAudio:
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
-        cfg, trainer, text = parse_recipe(tree, source, SAMAudioRecipe)
+        cfg, trainer, text = parse_recipe(tree, source, SAMAudioRecipe, method="sam_audio")
         cfg.check(source)
         return run_sam_audio(cfg, run_dir, trainer, text)
 

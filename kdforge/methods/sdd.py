@@ -129,8 +129,6 @@ class SDDRecipe:
     def check(self, source: str) -> None:
         from kdforge.tasks.generative.sds import POLICIES
 
-        if self.method != "sdd":
-            raise ConfigError(f"{source}: method must be 'sdd', got {self.method!r}")
         a, T = self.sdd, self.diffusion.model.timesteps
         if a.timesteps not in POLICIES:
             raise ConfigError(f"{source}: sdd.timesteps must be one of {', '.join(POLICIES)}, got {a.timesteps!r}")
@@ -295,7 +293,7 @@ class SDD:
 
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
-        cfg, trainer, text = parse_recipe(tree, source, SDDRecipe)
+        cfg, trainer, text = parse_recipe(tree, source, SDDRecipe, method="sdd")
         cfg.check(source)
         return run_sdd(cfg, run_dir, trainer, text)
 

@@ -131,7 +131,6 @@ class SSDDetRecipe:
     def check(self, source: str) -> None:
         a = self.ssd
         problems = [
-            (self.method == "ssd_det", f"method must be 'ssd_det', got {self.method!r}"),
             (a.refiner in REFINERS, f"ssd.refiner must be one of {', '.join(REFINERS)}, got {a.refiner!r}"),
             (0 <= self.noise.ratio < 1, f"noise.ratio must be in [0, 1), got {self.noise.ratio}"),
             (len(a.scales) >= 1 and min(a.scales) > 0, "ssd.scales must be positive numbers"),
@@ -362,7 +361,7 @@ def run_ssd_det(cfg: SSDDetRecipe, run_dir: str | Path, trainer: Any = None, con
 class SSDDet:
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
-        cfg, trainer, text = parse_recipe(tree, source, SSDDetRecipe)
+        cfg, trainer, text = parse_recipe(tree, source, SSDDetRecipe, method="ssd_det")
         cfg.check(source)
         return run_ssd_det(cfg, run_dir, trainer, text)
 

@@ -101,8 +101,6 @@ class TinyClipRecipe:
 
     def check(self, source: str) -> None:
         a = self.tinyclip
-        if self.method != "tinyclip":
-            raise ConfigError(f"{source}: method must be 'tinyclip', got {self.method!r}")
         if a.inherit not in ("manual", "auto", "none"):
             raise ConfigError(f"{source}: tinyclip.inherit must be manual, auto or none, got {a.inherit!r}")
         if a.inherit == "auto":
@@ -272,7 +270,7 @@ def _run_auto(cfg: TinyClipRecipe, run_dir: Path, trainer: Any, text: str, teach
 class TinyClip:
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
-        cfg, trainer, text = parse_recipe(tree, source, TinyClipRecipe)
+        cfg, trainer, text = parse_recipe(tree, source, TinyClipRecipe, method="tinyclip")
         cfg.check(source)
         return run_tinyclip(cfg, run_dir, trainer, text)
 

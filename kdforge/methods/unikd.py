@@ -117,8 +117,6 @@ class UniKDRecipe:
     embeddings: str | None = None    # read E_T from such a store instead of running teacher + AKE online
 
     def check(self, source: str) -> None:
-        if self.method != "unikd":
-            raise ConfigError(f"{source}: method must be 'unikd', got {self.method!r}")
         if self.unikd.mode not in MODES:
             raise ConfigError(f"{source}: unikd.mode must be one of {', '.join(MODES)}, got {self.unikd.mode!r}")
         if self.unikd.weight < 0 or self.unikd.feat_weight < 0:
@@ -628,7 +626,7 @@ def run_unikd(cfg: UniKDRecipe, run_dir: str | Path, trainer: Any = None, config
 class UniKD:
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
-        cfg, trainer, text = parse_recipe(tree, source, UniKDRecipe)
+        cfg, trainer, text = parse_recipe(tree, source, UniKDRecipe, method="unikd")
         cfg.check(source)
         return run_unikd(cfg, run_dir, trainer, text)
 

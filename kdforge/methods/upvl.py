@@ -839,9 +839,9 @@ def _clip_teacher(cfg: UPVLRecipe, run_dir: str | Path, trainer: Any, config_tex
 class UPVL:
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
-        cfg, trainer, text = parse_recipe(tree, source, UPVLRecipe)
+        cfg, trainer, text = parse_recipe(tree, source, UPVLRecipe, method="upvl")
         check_args(cfg, source)
-        cfg.check(source, "upvl")
+        cfg.check(source)
         return run_upvl(cfg, run_dir, trainer, text)
 
 

@@ -25,11 +25,11 @@ class VideoRecipe:
 
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
-        cfg, trainer, text = parse_recipe(tree, source, MMEgoKDRecipe)
+        cfg, trainer, text = parse_recipe(tree, source, MMEgoKDRecipe, method="video")
         if cfg.distill.a_kd > 0:
             raise ConfigError(f"{source}: a video recipe trains from the labels alone; distill.a_kd > 0 belongs in "
                               "a method: mm_ego_kd recipe")
-        cfg.check(source, "video")
+        cfg.check(source)
         return run_mm_ego_kd(cfg, run_dir, trainer, text)
 
 

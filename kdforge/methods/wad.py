@@ -230,8 +230,6 @@ class WADConfig:
     teacher_run: str | None = None
 
     def check(self) -> None:
-        if self.method != "wad":
-            raise ConfigError(f"wad recipe: method must be 'wad', got {self.method!r}")
         if self.teacher_only and self.teacher_run:
             raise ConfigError("wad recipe: teacher_only trains the teacher, teacher_run loads one: set one of them")
         if self.wad.mode not in MODES:
@@ -392,7 +390,7 @@ class WAD:
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
         """Run a `configs/methods/wad.yaml` recipe into `run_dir` (see the module docstring)."""
-        cfg, trainer, text = parse_recipe(tree, source, WADConfig)
+        cfg, trainer, text = parse_recipe(tree, source, WADConfig, method="wad")
         return run_wad(cfg, run_dir, trainer=trainer, config_text=text)
 
 

@@ -107,8 +107,6 @@ class ZeroSegRecipe:
 
     def check(self, source: str) -> None:
         a = self.zeroseg
-        if self.method != "zeroseg":
-            raise ConfigError(f"{source}: method must be 'zeroseg', got {self.method!r}")
         if not a.grids or a.grids[0] != 1 or len(set(a.grids)) != len(a.grids) or min(a.grids) < 1:
             raise ConfigError(f"{source}: zeroseg.grids must be distinct grid sizes starting with 1 (the full image), "
                               f"got {a.grids}")
@@ -200,7 +198,7 @@ def run_zeroseg(cfg: ZeroSegRecipe, run_dir: str | Path, trainer: Any = None, co
 class ZeroSeg:
     @classmethod
     def run_config(cls, tree: dict[str, Any], source: str, run_dir: Path) -> dict[str, Any]:
-        cfg, trainer, text = parse_recipe(tree, source, ZeroSegRecipe)
+        cfg, trainer, text = parse_recipe(tree, source, ZeroSegRecipe, method="zeroseg")
         cfg.check(source)
         return run_zeroseg(cfg, run_dir, trainer, text)
 

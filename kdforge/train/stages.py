@@ -18,7 +18,7 @@ import contextvars
 import copy
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -177,13 +177,22 @@ def split_trainer(tree: dict[str, Any], source: str) -> tuple[dict[str, Any], Tr
     return tree, from_dict(TrainerConfig, {**defaults, **section}, source, prefix="trainer.")
 
 
-def parse_recipe(tree: dict[str, Any], source: str, schema: type) -> tuple[Any, TrainerConfig, str]:
+def parse_recipe(tree: dict[str, Any], source: str, schema: type,
+                 method: str | None = None) -> tuple[Any, TrainerConfig, str]:
     """A method's `run_config` input -> (recipe validated into `schema`, recipe-wide trainer options,
-    the recipe's text for each stage's config.yaml)."""
+    the recipe's text for each stage's config.yaml).
+
+    With `method`, the recipe's `method:` must name it (`run_config` is public: a recipe can reach
+    it without `run_recipe`'s dispatch on `method:`), else one line naming both."""
     from kdforge.tasks.common import load_task_config
 
+    if method is not None and "method" not in {f.name for f in fields(schema)}:
+        raise TypeError(f"parse_recipe: {schema.__name__} has no 'method' field to check against {method!r}")
     body, trainer = split_trainer(tree, source)
-    return load_task_config(schema, body, name=source), trainer, yaml.safe_dump(tree, sort_keys=False)
+    cfg = load_task_config(schema, body, name=source)
+    if method is not None and cfg.method != method:
+        raise ConfigError(f"{source}: method must be {method!r}, got {cfg.method!r}")
+    return cfg, trainer, yaml.safe_dump(tree, sort_keys=False)
 
 
 def _recipe_runner(tree: dict[str, Any], source: str) -> Callable[[dict[str, Any], str, Path], dict[str, Any]]:

@@ -107,9 +107,7 @@ class BEVRecipe:
     train: LoopConfig = field(default_factory=lambda: _loop(30))
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-    def check(self, source: str, method: str) -> None:
-        if self.method != method:
-            raise ConfigError(f"{source}: method must be {method!r}, got {self.method!r}")
+    def check(self, source: str) -> None:
         d = self.data
         if d.format not in ("procedural", "kitti"):
             raise ConfigError(f"{source}: data.format must be procedural or kitti, got {d.format!r}")
