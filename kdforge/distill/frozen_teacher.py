@@ -132,6 +132,7 @@ class FrozenTeacher:
                       f"> {TOLERANCE:g})")
         return False
 
+    @torch.compiler.disable       # under trainer.compile: a call out of the compiled step, not traced into
     def __call__(self, images: Tensor) -> tuple[Any, dict[str, Tensor]] | None:
         if self.failed is not None:
             return None
