@@ -174,8 +174,12 @@ def test_stop_and_resume_is_bit_identical(tmp_path: Path) -> None:
     assert_resume_exact(RECIPE, [*TINY, "teachers=[rgb]", "train.epochs=2"], tmp_path, stop_after=6)
 
 
-def test_torchrun_two_processes_match_one(tmp_path: Path) -> None:
-    """`torchrun --nproc_per_node=2` (gloo) gives the 1-process weights and metrics rows of both teacher stages and
+@pytest.mark.parametrize(("teachers", "extra"), [
+    (["rgb", "flow"], []),
+    (["rgb", "fusion"], ["fusion=[rgb, flow]", "distill.weighting=per-sample"]),
+], ids=["unimodal", "fusion-per-sample"])
+def test_torchrun_two_processes_match_one(tmp_path: Path, teachers: list[str], extra: list[str]) -> None:
+    """`torchrun --nproc_per_node=2` (gloo) gives the 1-process weights and metrics rows of every teacher stage and
     the student, and the same result (held-out weights, ensemble and student scores).
 
     Why 2 processes can equal 1 here: each rank takes a contiguous half of the same global batch (batch 8 -> 4 + 4)
@@ -183,16 +187,26 @@ def test_torchrun_two_processes_match_one(tmp_path: Path) -> None:
     CE; the student's batchmean KL and CE) gives the 1-process gradient. The one per-rank piece is batch norm's batch
     statistics (no synchronised batch norm on CPU): teacher_model.norm and student.norm are `group` (per-clip
     statistics) here; with `batch` the runs differ by design. The frozen teachers are in eval mode (running
-    statistics), and the weight estimation and ensemble report are full passes every rank computes alike."""
-    overrides = [*TINY, "teachers=[rgb, flow]", "teacher_model.norm=group", "student.norm=group", "train.epochs=2",
-                 "distill.a_gt=0.5", "trainer.progress=false"]
+    statistics), and the weight estimation and ensemble report are full passes every rank computes alike.
+    The fusion teacher is one more such model (a group-norm ClipNet trunk per modality, features concatenated, one
+    linear head: per clip, trained on the same CE), and per-sample weighting is a softmin over each clip's own
+    per-teacher CE with its own label, so the ensemble target of a clip is the same whichever rank holds it."""
+    overrides = [*TINY, f"teachers=[{', '.join(teachers)}]", *extra, "teacher_model.norm=group", "student.norm=group",
+                 "train.epochs=2", "distill.a_gt=0.5", "trainer.progress=false"]
     assert_ddp_matches(RECIPE, overrides, tmp_path)
     one, two = (json.loads((tmp_path / n / "result.json").read_text()) for n in ("one", "two"))
-    for key in ("weight_rgb", "weight_flow", "holdout_ce_rgb", "ensemble_val_top1", "test_top1", "val_nll"):
+    keys = [f"weight_{t}" for t in teachers] + [f"holdout_ce_{t}" for t in teachers] + [
+        f"teacher_{t}_val_top1" for t in teachers] + ["ensemble_val_top1", "test_top1", "val_nll"]
+    for key in keys:
         assert two[key] == pytest.approx(one[key], abs=1e-4), key
     assert one["train_clips"] == two["train_clips"] == 40
-    assert sorted(p.name for p in (tmp_path / "two/stages").iterdir()) == ["teacher_flow", "teacher_rgb"]
+    assert sorted(p.name for p in (tmp_path / "two/stages").iterdir()) == sorted(f"teacher_{t}" for t in teachers)
     assert "train_kd" in (tmp_path / "two/metrics.csv").read_text().splitlines()[0]
+    if "fusion" in teachers:                      # it is the fusion model, trained on rgb + flow
+        from kdforge.train.checkpoint import load_tensors
+
+        weights = load_tensors(tmp_path / "two/stages/teacher_fusion/checkpoints/last.safetensors")
+        assert any("trunks.flow" in k for k in weights) and not any("trunks.audio" in k for k in weights)
 
 
 def test_bad_recipes_fail_in_one_line(tmp_path: Path, capsys) -> None:

@@ -315,3 +315,25 @@ def test_upvl_recipe_with_the_clip_stage_resumes_exactly(tmp_path: Path, capsys,
     model = Path("stages/vl_teacher/model/model.safetensors")
     assert (tmp_path / "full" / model).read_bytes() == (tmp_path / "cut" / model).read_bytes()
     assert "vl_teacher_test_zeroshot_top1" in result and "features_test_static_recall" in result
+
+
+def test_upvl_recipe_reusing_a_clip_teacher_resumes_exactly(tmp_path: Path, capsys) -> None:
+    """A finished CLIP teacher run (`upvl.vl.teacher_only=true`) reused by `upvl.vl.run`: no vl_teacher stage, and
+    features (6 steps) -> final (6 steps) cut inside `features` and resumed equals the uninterrupted run."""
+    import json
+
+    teacher = tmp_path / "teacher"
+    assert main(["train", str(RECIPE), *CLIP_RESUME, "upvl.vl.teacher_only=true", "upvl.vl.clip.loop.epochs=1",
+                 "--out", str(teacher)]) == 0
+    assert (teacher / "model/model.safetensors").is_file()
+    capsys.readouterr()
+    reuse = [*CLIP_RESUME, f"upvl.vl.run={teacher}"]
+    result = assert_resume_exact(RECIPE, reuse, tmp_path / "r", stop_after=3)
+    out = capsys.readouterr().out
+    resumes = [line.split("/stages/")[1] for line in out.splitlines() if line.endswith("(resumed)")]
+    assert resumes == ["features (resumed)"], out         # the cut landed in `features`, and only there
+    assert sorted(p.name for p in (tmp_path / "r/full/stages").iterdir()) == ["features"]
+    assert (tmp_path / "r/full/stages/features/metrics.csv").read_text().count("\n") == 4     # header + 3 epochs
+    own = json.loads((teacher / "result.json").read_text())                # the reused teacher's scores, reported
+    assert result["vl_teacher_test_zeroshot_top1"] == own["test_zeroshot_top1"]
+    assert "features_test_static_recall" in result
