@@ -47,8 +47,10 @@ class PairDataConfig:
     seed: int = 0
 
 
-def _loop() -> LoopConfig:
-    return LoopConfig(epochs=10, batch_size=64,
+def clip_loop(epochs: int = 10) -> LoopConfig:
+    """CLIP's training loop (every CLIP recipe's default): AdamW 1e-3, weight decay 0.1 off 1-d
+    parameters, cosine with half an epoch of warm-up, gradients clipped at 5."""
+    return LoopConfig(epochs=epochs, batch_size=64,
                       optim=OptimConfig(name="adamw", lr=1e-3, weight_decay=0.1, no_decay_1d=True),
                       schedule=ScheduleConfig(name="cosine", warmup_epochs=0.5), grad_clip=5.0)
 
@@ -59,7 +61,7 @@ class ClipRecipe:
     seed: int = 0
     data: PairDataConfig = field(default_factory=PairDataConfig)
     model: ClipModelConfig = field(default_factory=ClipModelConfig)
-    train: LoopConfig = field(default_factory=_loop)
+    train: LoopConfig = field(default_factory=clip_loop)
 
 
 def make_splits(d: PairDataConfig) -> dict[str, Any]:

@@ -35,9 +35,16 @@ from typing import Any
 
 import torch
 
-from kdforge.config import OptimConfig, ScheduleConfig
 from kdforge.errors import ConfigError, KdforgeError
-from kdforge.methods.clip import ClipRecipe, PairDataConfig, load_or_build, make_splits, run_clip, save_model
+from kdforge.methods.clip import (
+    ClipRecipe,
+    PairDataConfig,
+    clip_loop,
+    load_or_build,
+    make_splits,
+    run_clip,
+    save_model,
+)
 from kdforge.registry import METHODS
 from kdforge.tasks.common import LoopConfig
 from kdforge.tasks.vision_language.models import ClipModelConfig, TowerSpec
@@ -75,16 +82,10 @@ def _teacher_model() -> ClipModelConfig:
                            text=TowerSpec(layers=2, width=128, heads=4, mlp=256))
 
 
-def _loop(epochs: int) -> LoopConfig:
-    return LoopConfig(epochs=epochs, batch_size=64,
-                      optim=OptimConfig(name="adamw", lr=1e-3, weight_decay=0.1, no_decay_1d=True),
-                      schedule=ScheduleConfig(name="cosine", warmup_epochs=0.5), grad_clip=5.0)
-
-
 @dataclass
 class TeacherSpec:
     model: ClipModelConfig = field(default_factory=_teacher_model)     # or model.local_dir: a saved CLIP
-    loop: LoopConfig = field(default_factory=lambda: _loop(15))
+    loop: LoopConfig = field(default_factory=lambda: clip_loop(15))
     seed: int = 100
 
 
@@ -94,7 +95,7 @@ class TinyClipRecipe:
     seed: int = 0
     data: PairDataConfig = field(default_factory=PairDataConfig)
     model: ClipModelConfig = field(default_factory=ClipModelConfig)    # the student
-    train: LoopConfig = field(default_factory=lambda: _loop(10))
+    train: LoopConfig = field(default_factory=lambda: clip_loop(10))
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     teacher_only: bool = False
     tinyclip: TinyClipArgs = field(default_factory=TinyClipArgs)

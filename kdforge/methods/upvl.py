@@ -96,9 +96,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdforge.config import OptimConfig, ScheduleConfig
 from kdforge.distill.distiller import Step
 from kdforge.errors import ConfigError, KdforgeError
+from kdforge.methods.clip import clip_loop
 from kdforge.registry import METHODS
 from kdforge.tasks.common import LoopConfig
 from kdforge.tasks.pointcloud.autolabel import AutoLabelConfig, auto_label, fit_box, track_clusters
@@ -139,12 +139,6 @@ def _clip_model() -> ClipModelConfig:
                            patch_size=8, projection_dim=32, context_length=8)
 
 
-def _clip_loop() -> LoopConfig:
-    return LoopConfig(epochs=12, batch_size=64,
-                      optim=OptimConfig(name="adamw", lr=1e-3, weight_decay=0.1, no_decay_1d=True),
-                      schedule=ScheduleConfig(name="cosine", warmup_epochs=0.5), grad_clip=5.0)
-
-
 @dataclass
 class CropConfig:
     """The CLIP's image-caption pairs cut from the rendered views (see `caption_crops`)."""
@@ -162,7 +156,7 @@ class CropConfig:
 @dataclass
 class ClipTeacherConfig:
     model: ClipModelConfig = field(default_factory=_clip_model)
-    loop: LoopConfig = field(default_factory=_clip_loop)
+    loop: LoopConfig = field(default_factory=lambda: clip_loop(12))
     seed: int = 100
     crops: CropConfig = field(default_factory=CropConfig)
     window: int = 12                     # dense map: a window of this side around every stride x stride block
