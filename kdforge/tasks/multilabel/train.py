@@ -23,7 +23,6 @@ from kdforge.distill.terms import Term
 from kdforge.errors import KdforgeError
 from kdforge.losses._common import single
 from kdforge.losses.base import DistillLoss, Features, LossContext
-from kdforge.models.taps import FeatureTap
 from kdforge.registry import LOSSES
 from kdforge.tasks.base import SampledTask
 from kdforge.tasks.common import augment_images, predict, prepare_images
@@ -134,10 +133,9 @@ class MultiLabelTask(SampledTask):
         if cache is not None and not all(k in cache.get(epoch, {}) for k in ["logits", *self.taps]):
             # through the distiller, so the cached outputs are the ones its online step would compute
             # (same teacher execution: eager or the frozen graph, trainer.teacher_freeze)
-            run = ((lambda x: module.teacher_outputs(x.to(self.device)))
-                   if hasattr(module, "teacher_outputs") else None)
-            cache[epoch] = {**cache.get(epoch, {}), **teacher_outputs(self.teacher, self.train, epoch,
-                                                                      self.view, self.taps, run=run)}
+            cache[epoch] = {**cache.get(epoch, {}),
+                            **teacher_outputs(lambda x: module.teacher_outputs(x.to(self.device))["teacher"],
+                                              len(self.train), epoch, self.view, ["logits", *self.taps])}
 
     def batch(self, epoch: int, step: int, env: DistEnv) -> Batch:
         idx = self.batch_index(epoch, step, env)
@@ -176,33 +174,20 @@ class MultiLabelTask(SampledTask):
 
 @torch.no_grad()
 def teacher_outputs(
-    teacher: nn.Module,
-    data: MultiLabelData,
+    run: Callable[[Tensor], dict[str, Tensor]],
+    num_samples: int,
     epoch: int,
     view: Callable[[Tensor, int], Tensor],
-    taps: Sequence[str],
+    keys: Sequence[str],
     batch_size: int = 500,
-    run: Callable[[Tensor], dict[str, dict[str, Tensor]]] | None = None,
 ) -> dict[str, Tensor]:
-    """The teacher's logits and `taps` on every sample's view at `epoch` (eval mode, no grad);
-    `run`: a Distiller's `teacher_outputs`, to compute them the way its online step does."""
-    parts: dict[str, list[Tensor]] = {"logits": [], **{t: [] for t in taps}}
-    if run is not None:
-        for start in range(0, len(data), batch_size):
-            outs = run(view(torch.arange(start, min(len(data), start + batch_size)), epoch))["teacher"]
-            for key in parts:
-                parts[key].append(outs[key].cpu())
-        return {k: torch.cat(v) for k, v in parts.items()}
-    was = teacher.training
-    teacher.eval()
-    with FeatureTap(teacher, taps, detach=True) as tap:
-        for start in range(0, len(data), batch_size):
-            idx = torch.arange(start, min(len(data), start + batch_size))
-            tap.clear()
-            parts["logits"].append(teacher(view(idx, epoch)))
-            for t in taps:
-                parts[t].append(tap.features[t])
-    teacher.train(was)
+    """`keys` of a teacher's outputs (`run`: images -> {"logits": ..., tap: ...}, e.g. a Distiller's
+    `teacher_outputs` of one teacher) on every sample's view at `epoch`, on the CPU."""
+    parts: dict[str, list[Tensor]] = {k: [] for k in keys}
+    for start in range(0, num_samples, batch_size):
+        outs = run(view(torch.arange(start, min(num_samples, start + batch_size)), epoch))
+        for key in parts:
+            parts[key].append(outs[key].cpu())
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
